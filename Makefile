@@ -1,0 +1,30 @@
+# Two commands do everything (see README):
+#   make demo   set up the environment, then run the main job
+#   make test   set up the environment, then run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test benchmarks clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) examples/gmm_1d.py --out outputs/gmm_1d.png
+
+test: setup
+	$(PY) -m pytest -q tests
+
+benchmarks: setup
+	$(PY) benchmarks/likelihood_accuracy.py
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,29 @@
+"""openmm_diffenergy: diffusion models of molecules as physics inside OpenMM.
+
+The public contract (see the README)::
+
+    import openmm_diffenergy as de
+    sde = de.VPSDE()
+    gm = de.GaussianMixtureEnergy(means, covariances, weights, sde)
+    e = gm.energy(x, t)             # kT
+    s = de.score(gm, x, t)          # -grad_x E
+    res = de.nll(gm, sde, x, path="flow", divergence="exact")
+"""
+from .coordinates import centre, check_time, dof, subspace_basis
+from .divergence import ExactDivergence, HutchinsonDivergence, get_estimator
+from .likelihood import NLLResult, SampleResult, nll, path_nll, sample
+from .models import (EnergyModel, GaussianMixtureEnergy, mixture_1d, mixture_2d,
+                     particle_mixture, score, score_fn)
+from .sde import LinearSDE, VESDE, VPSDE, sde_from_config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "LinearSDE", "VPSDE", "VESDE", "sde_from_config",
+    "EnergyModel", "GaussianMixtureEnergy", "mixture_1d", "mixture_2d", "particle_mixture",
+    "score", "score_fn",
+    "ExactDivergence", "HutchinsonDivergence", "get_estimator",
+    "NLLResult", "SampleResult", "nll", "path_nll", "sample",
+    "centre", "check_time", "dof", "subspace_basis",
+]

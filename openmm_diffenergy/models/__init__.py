@@ -1,0 +1,6 @@
+"""Energy models: the interface and the analytic Gaussian mixtures."""
+from .base import EnergyModel, score, score_fn
+from .gaussian_mixture import GaussianMixtureEnergy, mixture_1d, mixture_2d, particle_mixture
+
+__all__ = ["EnergyModel", "score", "score_fn", "GaussianMixtureEnergy", "mixture_1d",
+           "mixture_2d", "particle_mixture"]
