@@ -1,0 +1,39 @@
+"""The examples and benchmark scripts run end to end at small settings."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(relpath):
+    path = os.path.join(ROOT, relpath)
+    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gmm_1d_example(tmp_path):
+    out = tmp_path / "gmm.png"
+    figures = load("examples/gmm_1d.py").main(
+        ["--points", "60", "--flow-steps", "40", "--path-steps", "60", "--samples", "50",
+         "--sample-steps", "100", "--out", str(out), "--json", str(tmp_path / "f.json")])
+    assert out.stat().st_size > 10000
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # small settings, still well inside a 0.05-nat error
+    assert figures["flow"]["mean_abs_err"] < 0.01
+    assert figures["diffusion_path"]["mean_abs_err"] < 0.05
+    assert json.loads((tmp_path / "f.json").read_text())["flow"]["steps"] == 40
+
+
+@pytest.mark.slow
+def test_likelihood_benchmark_quick(tmp_path):
+    out = tmp_path / "la.json"
+    results, targets = load("benchmarks/likelihood_accuracy.py").main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["quick"] is True and set(data["targets"]) == set(targets)
+    assert data["results"]["particles_22"]["dof"] == 63
+    assert targets["diffusion_1d_mean_le_0.05"]
