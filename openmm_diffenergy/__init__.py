@@ -12,8 +12,10 @@ The public contract (see the README)::
 from .coordinates import centre, check_time, dof, subspace_basis
 from .divergence import ExactDivergence, HutchinsonDivergence, get_estimator
 from .likelihood import NLLResult, SampleResult, nll, path_nll, sample
-from .models import (EnergyModel, GaussianMixtureEnergy, mixture_1d, mixture_2d,
-                     particle_mixture, score, score_fn)
+from .io import load_model, save_model
+from .models import (DistanceMLPEnergy, EnergyModel, GaussianMixtureEnergy, mixture_1d,
+                     mixture_2d, particle_mixture, score, score_fn)
+from .openmm_force import add_learned_force, create_force, kt_kj_per_mol, learned_energy
 from .sde import LinearSDE, VESDE, VPSDE, sde_from_config
 
 __version__ = "0.1.0"
@@ -22,6 +24,8 @@ __all__ = [
     "__version__",
     "LinearSDE", "VPSDE", "VESDE", "sde_from_config",
     "EnergyModel", "GaussianMixtureEnergy", "mixture_1d", "mixture_2d", "particle_mixture",
+    "DistanceMLPEnergy", "save_model", "load_model",
+    "create_force", "add_learned_force", "learned_energy", "kt_kj_per_mol",
     "score", "score_fn",
     "ExactDivergence", "HutchinsonDivergence", "get_estimator",
     "NLLResult", "SampleResult", "nll", "path_nll", "sample",

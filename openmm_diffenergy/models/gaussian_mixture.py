@@ -12,12 +12,14 @@ import math
 import torch
 
 from ..coordinates import from_subspace, subspace_basis, to_subspace
-from ..sde import LinearSDE, VPSDE
+from ..io import register_model
+from ..sde import LinearSDE, VPSDE, sde_from_config
 from .base import EnergyModel
 
 __all__ = ["GaussianMixtureEnergy", "mixture_1d", "mixture_2d", "particle_mixture"]
 
 
+@register_model
 class GaussianMixtureEnergy(EnergyModel):
     """Exact diffused energy ``-log p_t`` of a Gaussian mixture, for vectors or particles.
 
@@ -87,6 +89,9 @@ class GaussianMixtureEnergy(EnergyModel):
         if weights.shape != (k,) or not torch.isfinite(weights).all() or (weights <= 0).any():
             raise ValueError(f"weights must be {k} positive finite numbers, got {weights}")
         weights = weights / weights.sum()
+        self._config = {"means": means.tolist(), "covariances": cov.tolist(),
+                        "weights": weights.tolist(), "sde": self.sde.config(),
+                        "length_scale": self.length_scale}
 
         m = means.reshape(k, dim) / s
         c = cov / s ** 2
@@ -105,6 +110,19 @@ class GaussianMixtureEnergy(EnergyModel):
         self.register_buffer("eigvals", lam)   # (K, D)
         self.register_buffer("eigvecs", u)     # (K, D, D)
         self.register_buffer("log_weights", weights.log())
+        # a Python float, not shape arithmetic: traced shapes are tensors and would turn
+        # this constant into float32 inside TorchScript
+        self._log_norm = 0.5 * m.shape[1] * math.log(2 * math.pi)
+
+    def config(self) -> dict:
+        """Constructor arguments (plain lists and numbers), for :func:`save_model`."""
+        return dict(self._config)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "GaussianMixtureEnergy":
+        config = dict(config)
+        sde = sde_from_config(config.pop("sde"))
+        return cls(sde=sde, **config)
 
     @property
     def n_components(self) -> int:
@@ -122,8 +140,7 @@ class GaussianMixtureEnergy(EnergyModel):
         diff = z[:, None, :] - a * self.means_sub.to(dt)[None]            # (B, K, D)
         proj = (diff.transpose(0, 1) @ self.eigvecs.to(dt)).transpose(0, 1)  # (B, K, D)
         var = a * a * self.eigvals.to(dt)[None] + v                      # (B, K, D)
-        log_n = -0.5 * ((proj * proj / var).sum(-1) + var.log().sum(-1)
-                        + z.shape[-1] * math.log(2 * math.pi))
+        log_n = -0.5 * ((proj * proj / var).sum(-1) + var.log().sum(-1)) - self._log_norm
         return -torch.logsumexp(log_n + self.log_weights.to(dt), dim=-1)
 
     def log_prob(self, x, t=0.0) -> torch.Tensor:
