@@ -17,6 +17,8 @@ from .models import (DistanceMLPEnergy, EnergyModel, GaussianMixtureEnergy, mixt
                      mixture_2d, particle_mixture, score, score_fn)
 from .openmm_force import add_learned_force, create_force, kt_kj_per_mol, learned_energy
 from .sde import LinearSDE, VESDE, VPSDE, sde_from_config
+from .serialization import deserialize_system, serialize_system
+from .systems import CoarseGraining, replicate_system, split_replicas
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,8 @@ __all__ = [
     "EnergyModel", "GaussianMixtureEnergy", "mixture_1d", "mixture_2d", "particle_mixture",
     "DistanceMLPEnergy", "save_model", "load_model",
     "create_force", "add_learned_force", "learned_energy", "kt_kj_per_mol",
+    "CoarseGraining", "replicate_system", "split_replicas",
+    "serialize_system", "deserialize_system",
     "score", "score_fn",
     "ExactDivergence", "HutchinsonDivergence", "get_estimator",
     "NLLResult", "SampleResult", "nll", "path_nll", "sample",
