@@ -25,6 +25,7 @@ test: setup
 
 benchmarks: setup
 	$(PY) benchmarks/likelihood_accuracy.py
+	$(PY) benchmarks/md_throughput.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -13,6 +13,7 @@ evaluated in one batched call. Two backends:
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import openmm
@@ -31,6 +32,30 @@ _OPENMMTORCH_HINT = ("openmmtorch 1.5 is built against torch 2.9 and needs the C
                      "torch.")
 
 
+_PLUGINS_RETRIED = False
+
+
+def _retry_torch_plugins() -> None:
+    """Load OpenMM-Torch platform plugins that failed when openmm was imported first.
+
+    ``import openmm`` loads every plugin; if torch was not imported before it,
+    ``libOpenMMTorchReference.so`` fails for want of ``libnvrtc.so.12`` and no
+    platform can run a TorchForce. Importing torch makes that library available, so
+    loading the plugin again now succeeds.
+    """
+    global _PLUGINS_RETRIED
+    if _PLUGINS_RETRIED:
+        return
+    _PLUGINS_RETRIED = True
+    for failure in openmm.Platform.getPluginLoadFailures():
+        match = re.search(r"library (\S*OpenMMTorch\w*\.so)", failure)
+        if match and "OpenCL" not in match.group(1):
+            try:
+                openmm.Platform.loadPluginLibrary(match.group(1))
+            except Exception:  # pragma: no cover - that platform stays unavailable
+                pass
+
+
 def load_openmmtorch():
     """Import openmmtorch, or raise an ImportError that says how to fix it."""
     try:
@@ -38,6 +63,7 @@ def load_openmmtorch():
     except Exception as err:
         raise ImportError(f"cannot load openmmtorch ({type(err).__name__}: {err}) with "
                           f"torch {torch.__version__}. {_OPENMMTORCH_HINT}") from None
+    _retry_torch_plugins()
     return openmmtorch
 
 

@@ -37,3 +37,13 @@ def test_likelihood_benchmark_quick(tmp_path):
     assert data["quick"] is True and set(data["targets"]) == set(targets)
     assert data["results"]["particles_22"]["dof"] == 63
     assert targets["diffusion_1d_mean_le_0.05"]
+
+
+@pytest.mark.slow
+def test_md_throughput_benchmark_quick(tmp_path):
+    out = tmp_path / "md.json"
+    res, targets = load("benchmarks/md_throughput.py").main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    for key in ("torchforce_steps_per_s", "pythonforce_steps_per_s", "bare_loop_evals_per_s"):
+        assert data[key] > 0
+    assert set(data["replica_steps_per_s"]) == {"1", "8", "64"}
