@@ -174,6 +174,13 @@ class PythonForceComputation:
         return float(energy.detach()), (-grad).detach().to(torch.float64).numpy()
 
 
+def _resolve_model(model_or_path):
+    """A model instance as it is, or the model saved at a path."""
+    if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+        return load_model(model_or_path)
+    return model_or_path
+
+
 def _indices(particles, n_replicas: int, n_particles: int) -> torch.Tensor:
     total = n_replicas * n_particles
     if particles is None:
@@ -226,8 +233,7 @@ def create_force(model_or_path, temperature=300.0 * unit.kelvin, t_min: float | 
     """
     if backend not in ("torchforce", "pythonforce"):
         raise ValueError(f"backend must be 'torchforce' or 'pythonforce', got {backend!r}")
-    model = load_model(model_or_path) if isinstance(model_or_path, (str, bytes)) or hasattr(
-        model_or_path, "__fspath__") else model_or_path
+    model = _resolve_model(model_or_path)
     if model.n_particles is None:
         raise ValueError("create_force needs a particle model (positions of shape (N, 3))")
     if int(n_replicas) != n_replicas or n_replicas < 1:
@@ -285,8 +291,7 @@ def add_learned_force(system: openmm.System, model_or_path, masses: bool = False
         If the System has too few particles for the model, the selection or replicas, or
         masses differ.
     """
-    model = load_model(model_or_path) if not hasattr(model_or_path, "n_particles") \
-        else model_or_path
+    model = _resolve_model(model_or_path)
     n_rep = int(kwargs.get("n_replicas", 1))
     idx = _indices(kwargs.get("particles"), n_rep, model.n_particles)
     n_sys = system.getNumParticles()
