@@ -47,3 +47,12 @@ def test_md_throughput_benchmark_quick(tmp_path):
     for key in ("torchforce_steps_per_s", "pythonforce_steps_per_s", "bare_loop_evals_per_s"):
         assert data[key] > 0
     assert set(data["replica_steps_per_s"]) == {"1", "8", "64"}
+
+
+def test_readme_python_snippet_runs():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text.split("```python\n")[1].split("```")[0]
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    gm, x, res = namespace["gm"], namespace["x"], namespace["res"]
+    assert (res.nll + gm.log_prob(x)).abs().mean() < 1e-2
