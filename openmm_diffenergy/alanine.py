@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import openmm
 from openmm import app, unit
 
 __all__ = ["build_alanine_dipeptide", "alanine_system", "is_l_chiral", "PHI_ATOMS", "PSI_ATOMS"]

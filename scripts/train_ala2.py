@@ -8,12 +8,10 @@ denoising score matching (EMA weights, optional Fokker-Planck penalty), checkpoi
 atomically next to ``--out`` and resumes when rerun. The log goes to ``<out>.log``.
 """
 import argparse
-import io
 import json
 import os
 import sys
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +36,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    command = "python scripts/train_ala2.py " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
 
     ref = load_reference(args.data)
@@ -55,7 +54,7 @@ def main(argv=None):
     def log(line):
         print(line, file=logfile, flush=True)
 
-    log(f"command: {' '.join(sys.argv)}")
+    log(f"command: {command}")
     log(f"data: {args.data}, {len(xyz)} frames; particles {len(sel)}; length scale "
         f"{length_scale:.4f} nm; torsions {len(torsions)}")
     result = de.train(model, xyz, config=config, checkpoint=args.out + ".ckpt", log=log)
@@ -65,7 +64,7 @@ def main(argv=None):
                   atom_names=[ref.atom_names[i] for i in sel],
                   training={**result["config"], "history": result["history"][-5:],
                             "data": os.path.basename(args.data), "frames": len(xyz),
-                            "command": " ".join(sys.argv)})
+                            "command": command})
     log(f"saved {args.out}")
     print(json.dumps(result["history"][-1]))
 

@@ -1,0 +1,167 @@
+"""Quality of the shipped alanine-dipeptide models against reference MD.
+
+For each model (all-atom, coarse-grained): the Jensen-Shannon divergence (natural log)
+of the 64 x 64 phi/psi histogram between reference MD and (a) i.i.d. samples drawn with
+the reverse SDE, (b) OpenMM Langevin MD driven by the exported learned force alone
+(replicas started from reference frames). For the all-atom model also: the mean
+Wasserstein-1 distance of bond lengths (i.i.d. samples vs reference), the fraction of
+L-chiral samples, and the fraction of MD frames whose bonded topology is intact (every
+bond within 0.8-1.25x its reference mean). Writes benchmarks/results/ala2_quality.json.
+
+Usage::
+
+    python benchmarks/ala2_quality.py [--quick]
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import hardware, write_json  # noqa: E402
+
+import openmm  # noqa: E402
+from openmm import unit  # noqa: E402
+
+import openmm_diffenergy as de  # noqa: E402
+from openmm_diffenergy.ala2 import load_reference, phi_psi  # noqa: E402
+from openmm_diffenergy.alanine import is_l_chiral  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BINS = np.linspace(-np.pi, np.pi, 65)
+
+
+def js_divergence(a, b) -> float:
+    """JS divergence (nats) between the 64 x 64 phi/psi histograms of two sample sets."""
+    p = np.histogram2d(a[:, 0], a[:, 1], bins=[BINS, BINS])[0].ravel()
+    q = np.histogram2d(b[:, 0], b[:, 1], bins=[BINS, BINS])[0].ravel()
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(x, y):
+        nz = x > 0
+        return float((x[nz] * np.log(x[nz] / y[nz])).sum())
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def bond_lengths(xyz, bonds):
+    return np.linalg.norm(xyz[:, bonds[:, 0]] - xyz[:, bonds[:, 1]], axis=-1)
+
+
+def run_md(model, masses, n_replicas, ns, dt_fs, start, seed, save_ps=1.0):
+    """Langevin MD with the learned force only; returns frames (R, F, N, 3) nm."""
+    n = model.n_particles
+    base = openmm.System()
+    for m in masses:
+        base.addParticle(m)
+    system = de.replicate_system(base, n_replicas)
+    de.add_learned_force(system, model, n_replicas=n_replicas)
+    integ = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond,
+                                            dt_fs * unit.femtoseconds)
+    integ.setRandomNumberSeed(seed)
+    ctx = openmm.Context(system, integ, openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(start.reshape(-1, 3) + np.repeat(np.arange(n_replicas), n)[:, None] * 3.0)
+    ctx.setVelocitiesToTemperature(300 * unit.kelvin, seed)
+    per = int(round(save_ps * 1000 / dt_fs))
+    n_frames = int(round(ns * 1000 / save_ps))
+    frames = []
+    for _ in range(n_frames):
+        integ.step(per)
+        x = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(
+            unit.nanometer)
+        if not np.isfinite(x).all():
+            break
+        frames.append(np.asarray(x).reshape(n_replicas, n, 3))
+    return np.stack(frames, 1) if frames else np.zeros((n_replicas, 0, n, 3))
+
+
+def evaluate(kind, path, ref, args, rng):
+    model = de.load_model(path)
+    sel = model.metadata["particle_selection"]
+    ref_xyz = ref.xyz[:, sel]
+    ref_pp = phi_psi(ref.xyz, ref.topology, "aa")
+    out = {}
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    samples = de.sample(model, None, args.samples, steps=args.sde_steps, return_nll=False,
+                        seed=args.seed, dtype=torch.float32).x.numpy()
+    out["iid_seconds"] = time.perf_counter() - t0
+    pp = phi_psi(samples, ref.topology if kind == "aa" else None, kind)
+    out[f"{kind}_js_iid"] = js_divergence(ref_pp, pp)
+    out["iid_samples"] = args.samples
+    bonds = np.array([(b[0].index, b[1].index) for b in ref.topology.bonds]) if kind == "aa" \
+        else np.array([(i, i + 1) for i in range(len(sel) - 1)])
+    ref_len = bond_lengths(ref_xyz, bonds)
+    if kind == "aa":
+        from scipy.stats import wasserstein_distance
+        s_len = bond_lengths(samples, bonds)
+        out["aa_bond_w1_nm"] = float(np.mean([wasserstein_distance(ref_len[:, k], s_len[:, k])
+                                              for k in range(len(bonds))]))
+        out["aa_l_chiral_fraction_iid"] = float(is_l_chiral(ref.topology.to_openmm(),
+                                                            samples).mean())
+    # MD with the exported force, replicas started from reference frames
+    t0 = time.perf_counter()
+    start = ref_xyz[rng.choice(len(ref_xyz), args.replicas, replace=False)]
+    dt = 1.0 if kind == "aa" else 2.0
+    frames = run_md(model, model.metadata["masses"], args.replicas, args.ns, dt, start, args.seed)
+    out["md_seconds"] = time.perf_counter() - t0
+    flat = frames.reshape(-1, len(sel), 3)
+    out["md_frames"] = int(flat.shape[0])
+    out["md_ns_per_replica"] = frames.shape[1] / 1000.0
+    out["md_ns_total"] = flat.shape[0] / 1000.0
+    out["md_timestep_fs"] = dt
+    if flat.shape[0]:
+        pp_md = phi_psi(flat, ref.topology if kind == "aa" else None, kind)
+        out[f"{kind}_js_md"] = js_divergence(ref_pp, pp_md)
+        lengths = bond_lengths(flat, bonds)
+        ratio = lengths / ref_len.mean(0)
+        out[f"{kind}_md_intact_fraction"] = float(((ratio > 0.8) & (ratio < 1.25)).all(1).mean())
+        if kind == "aa":
+            out["aa_l_chiral_fraction_md"] = float(is_l_chiral(ref.topology.to_openmm(),
+                                                               flat).mean())
+    else:
+        out[f"{kind}_js_md"] = float("nan")
+        out[f"{kind}_md_intact_fraction"] = 0.0
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=os.path.join(ROOT, "data", "ala2_vacuum.npz"))
+    ap.add_argument("--aa", default=os.path.join(ROOT, "models", "ala2_aa.pt"))
+    ap.add_argument("--cg", default=os.path.join(ROOT, "models", "ala2_cg.pt"))
+    ap.add_argument("--samples", type=int, default=10000)
+    ap.add_argument("--sde-steps", type=int, default=500)
+    ap.add_argument("--replicas", type=int, default=8)
+    ap.add_argument("--ns", type=float, default=1.0, help="MD per replica, ns")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "ala2_quality.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.samples, args.sde_steps, args.replicas, args.ns = 200, 50, 2, 0.005
+    torch.set_num_threads(1)
+    ref = load_reference(args.data)
+    rng = np.random.default_rng(args.seed)
+    res = {"reference_frames": len(ref.xyz), "reference_ns": ref.settings["ns"]}
+    for kind, path in (("aa", args.aa), ("cg", args.cg)):
+        r = evaluate(kind, path, ref, args, rng)
+        res[kind] = r
+        res.update({k: v for k, v in r.items() if k.startswith(kind + "_")})
+        print(f"{kind}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)
+    targets = {f"{k}_le_0.05": bool(res[k] <= 0.05)
+               for k in ("aa_js_iid", "aa_js_md", "cg_js_iid", "cg_js_md")}
+    print("targets:", ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in targets.items()))
+    write_json(args.out, {"benchmark": "ala2_quality", "quick": args.quick,
+                          "hardware": hardware(), "targets": targets, **res})
+    print(f"wrote {args.out}")
+    return res, targets
+
+
+if __name__ == "__main__":
+    main()
