@@ -10,6 +10,7 @@ The public contract (see the README)::
     res = de.nll(gm, sde, x, path="flow", divergence="exact")
 """
 from .coordinates import centre, check_time, dof, subspace_basis
+from .data import TrainingData, load_training_data
 from .divergence import ExactDivergence, HutchinsonDivergence, get_estimator
 from .likelihood import NLLResult, SampleResult, nll, path_nll, sample
 from .io import load_model, save_model
@@ -31,7 +32,7 @@ __all__ = [
     "create_force", "add_learned_force", "learned_energy", "kt_kj_per_mol",
     "CoarseGraining", "replicate_system", "split_replicas",
     "serialize_system", "deserialize_system",
-    "TrainConfig", "train", "dsm_loss", "fp_residual",
+    "TrainConfig", "train", "dsm_loss", "fp_residual", "TrainingData", "load_training_data",
     "score", "score_fn",
     "ExactDivergence", "HutchinsonDivergence", "get_estimator",
     "NLLResult", "SampleResult", "nll", "path_nll", "sample",

@@ -69,3 +69,30 @@ def test_missing_reference_data(tmp_path):
         load_reference(str(tmp_path / "none.npz"))
     with pytest.raises(ValueError, match="kind"):
         selection(None, "martini")
+
+
+@pytest.mark.parametrize("mapping, n", [("all", 22), ("heavy", 10), ("backbone", None),
+                                        ("ca", 1), ("name N or name CA", 3),
+                                        ([[4, 5, 6], [8, 10]], 2)])
+def test_training_data_mappings(tmp_path, mapping, n):
+    import openmm_diffenergy as de
+    top, pos = build_alanine_dipeptide()
+    mtop = mdtraj.Topology.from_openmm(top)
+    rng = np.random.default_rng(0)
+    traj = mdtraj.Trajectory(pos[None] + 0.01 * rng.normal(size=(6, 22, 3)), mtop)
+    path = str(tmp_path / "t.dcd")
+    traj.save_dcd(path)
+    traj[0].save_pdb(str(tmp_path / "t.pdb"))
+    data = de.load_training_data(path, top=str(tmp_path / "t.pdb"), mapping=mapping)
+    if n is None:
+        n = mtop.select("backbone").size
+    assert data.positions.shape == (6, n, 3)
+    np.testing.assert_allclose(data.positions.mean(1).numpy(), 0.0, atol=1e-6)
+    if n > 1:
+        assert data.length_scale == pytest.approx(
+            float(np.sqrt((data.positions.numpy() ** 2).mean())), rel=1e-5)
+    if not isinstance(mapping, str):
+        m = np.array([a.element.mass for a in mtop.atoms])
+        assert data.mapping.masses[0] == pytest.approx(m[[4, 5, 6]].sum())
+    with pytest.raises(ValueError, match="cannot load"):
+        de.load_training_data(str(tmp_path / "missing.dcd"), top=str(tmp_path / "t.pdb"))
