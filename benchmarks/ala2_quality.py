@@ -137,7 +137,7 @@ def main(argv=None):
     ap.add_argument("--cg", default=os.path.join(ROOT, "models", "ala2_cg.pt"))
     ap.add_argument("--samples", type=int, default=10000)
     ap.add_argument("--sde-steps", type=int, default=500)
-    ap.add_argument("--replicas", type=int, default=8)
+    ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--ns", type=float, default=1.0, help="MD per replica, ns")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")

@@ -115,6 +115,16 @@ class _Field:
         return {"t": t, "y": y, "s": s, "div": div, "dt_logp": dt_logp}
 
 
+class _ScoreOnly:
+    """Estimator stand-in for sampling without likelihoods: the field, no divergence."""
+
+    def reset(self):
+        pass
+
+    def __call__(self, fn, y, t):
+        return fn(y, t), torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
+
+
 def _increment(field_, p, q, scheme: str, g2_path: float):
     """``log p_{t_q}(y_q) - log p_{t_p}(y_p)`` over one step from point p to point q.
 
@@ -428,7 +438,8 @@ def sample(model, sde, n: int, method: str = "sde", steps: int | None = None,
     steps = int(steps) if steps is not None else (1000 if method == "sde" else 100)
     generator = torch.Generator()
     generator.manual_seed(0 if seed is None else int(seed))
-    estimator = get_estimator(divergence, n_probes, probe, seed)
+    estimator = get_estimator(divergence, n_probes, probe, seed) if return_nll \
+        else _ScoreOnly()
     field_ = _Field(model, sde, estimator)
     start = time.perf_counter()
     y = sde.prior_sample(int(n), model.dim, model.n_particles, generator, dtype)

@@ -43,6 +43,9 @@ class TrainConfig:
     ema_decay : float
     t_eps : float
         Smallest training time.
+    t_power : float
+        Times are drawn as ``t_eps + (1 - t_eps) u^t_power``, ``u ~ U(0, 1)``; values above 1
+        spend more of training near ``t_min``, where the learned energy is read.
     fp_weight : float
         Weight of the Fokker-Planck penalty (0 disables it).
     fp_times : int
@@ -56,6 +59,7 @@ class TrainConfig:
     lr: float = 1e-3
     ema_decay: float = 0.999
     t_eps: float = 1e-3
+    t_power: float = 1.0
     fp_weight: float = 0.0
     fp_times: int = 8
     checkpoint_every: int = 500
@@ -183,14 +187,15 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
     while step < config.steps:
         idx = torch.randint(0, y_all.shape[0], (config.batch_size,), generator=gen)
         y0 = y_all[idx]
-        t = config.t_eps + (1 - config.t_eps) * torch.rand(config.batch_size, generator=gen)
+        u = torch.rand(config.batch_size, generator=gen) ** config.t_power
+        t = config.t_eps + (1 - config.t_eps) * u
         loss = dsm_loss(model, sde, y0, t, gen)
         fp = torch.zeros(())
         if config.fp_weight > 0:
             k = config.fp_times
             per = max(1, config.batch_size // (4 * k))
             tf = (config.t_eps + (1 - config.t_eps) * torch.rand(k, generator=gen)
-                  ).repeat_interleave(per)
+                  ** config.t_power).repeat_interleave(per)
             y_fp = y_all[torch.randint(0, y_all.shape[0], (tf.shape[0],), generator=gen)]
             eps = subspace_noise(y_fp.shape, model.n_particles, generator=gen,
                                  dtype=y_fp.dtype)

@@ -32,6 +32,8 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--fp-weight", type=float, default=0.0)
+    ap.add_argument("--t-power", type=float, default=1.0,
+                    help="training times t_eps + (1 - t_eps) u^p: p > 1 favours small t")
     ap.add_argument("--t-min", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--seed", type=int, default=0)
@@ -47,7 +49,7 @@ def main(argv=None):
     model = de.MoleculeEnergy(len(sel), torsions, hidden=args.hidden, layers=args.layers,
                               length_scale=length_scale, t_min=args.t_min, seed=args.seed)
     config = de.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            fp_weight=args.fp_weight, seed=args.seed)
+                            fp_weight=args.fp_weight, t_power=args.t_power, seed=args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     logfile = open(args.out + ".log", "a")
 

@@ -9,9 +9,10 @@ Features of a configuration ``y`` (model coordinates, shape (B, 3N)):
   smooth (regularized near collinear atoms).
 
 An MLP with SiLU activations maps the features and Fourier features of ``t`` to a
-correction added to a Gaussian baseline ``|y_c|^2 / (2 v(t))``, ``v = alpha^2 + sigma^2``,
-which is the exact energy of unit-variance data at ``t = 1`` and keeps the learned
-energy confining at every ``t``.
+correction, divided by ``c(t) = sqrt(sigma(t)^2 + 0.01^2)`` (so that the network's output
+stays of order one while the score grows like ``1/sigma`` at small ``t``), and added to a
+Gaussian baseline ``|y_c|^2 / (2 v(t))``, ``v = alpha^2 + sigma^2``, the exact energy of
+unit-variance data at ``t = 1``, which keeps the learned energy confining at every ``t``.
 """
 from __future__ import annotations
 
@@ -81,11 +82,13 @@ class MoleculeEnergy(EnergyModel):
     t_min : float
     sde : LinearSDE, optional
     seed : int, optional
+    output_scale : {"sigma", "none"}
+        Divide the network's output by ``c(t)`` (default) or not.
     """
 
     def __init__(self, n_particles: int, torsions=(), hidden: int = 128, layers: int = 3,
                  n_frequencies: int = 6, length_scale: float = 1.0, t_min: float = 1e-3,
-                 sde=None, seed: int | None = None):
+                 sde=None, seed: int | None = None, output_scale: str = "sigma"):
         super().__init__(3 * n_particles, n_particles, length_scale=length_scale, t_min=t_min)
         self.sde = sde if sde is not None else VPSDE()
         torsions = [tuple(int(a) for a in q) for q in torsions]
@@ -95,7 +98,10 @@ class MoleculeEnergy(EnergyModel):
         self._config = {"n_particles": n_particles, "torsions": torsions, "hidden": hidden,
                         "layers": layers, "n_frequencies": n_frequencies,
                         "length_scale": self.length_scale, "t_min": self.t_min,
-                        "sde": self.sde.config()}
+                        "sde": self.sde.config(), "output_scale": output_scale}
+        if output_scale not in ("sigma", "none"):
+            raise ValueError(f"output_scale must be 'sigma' or 'none', got {output_scale!r}")
+        self._scale_output = output_scale == "sigma"
         i, j = torch.triu_indices(n_particles, n_particles, offset=1)
         self.register_buffer("pair_i", i)
         self.register_buffer("pair_j", j)
@@ -115,6 +121,7 @@ class MoleculeEnergy(EnergyModel):
         with torch.no_grad():
             self.linears[-1].weight.mul_(0.1)
         self.eps = 1e-3
+        self._has_torsions = len(torsions) > 0   # a Python bool: tracing keeps it constant
 
     def config(self) -> dict:
         return dict(self._config)
@@ -123,6 +130,7 @@ class MoleculeEnergy(EnergyModel):
     def from_config(cls, config: dict) -> "MoleculeEnergy":
         config = dict(config)
         config["sde"] = sde_from_config(config["sde"])
+        config.setdefault("output_scale", "none")   # files written before the option
         return cls(**config)
 
     def features(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -130,7 +138,7 @@ class MoleculeEnergy(EnergyModel):
         p = y.to(self.frequencies.dtype).reshape(y.shape[0], -1, 3)
         d = p[:, self.pair_i] - p[:, self.pair_j]
         feats = [torch.sqrt((d * d).sum(-1) + self.eps ** 2)]
-        if self.quads.shape[0] > 0:
+        if self._has_torsions:
             feats.extend(_torsion_cos_sin(p, self.quads, self.eps))
         tt = t.to(p.dtype)[:, None]
         feats += [tt, torch.sin(tt * self.frequencies), torch.cos(tt * self.frequencies)]
@@ -144,5 +152,9 @@ class MoleculeEnergy(EnergyModel):
         p = y.to(h.dtype).reshape(y.shape[0], -1, 3)
         yc = p - p.mean(dim=1, keepdim=True)
         tt = t.to(h.dtype)
-        v = self.sde.alpha(tt) ** 2 + self.sde.sigma2(tt)
-        return self.linears[-1](h)[:, 0] + 0.5 * (yc * yc).sum((1, 2)) / v
+        s2 = self.sde.sigma2(tt)
+        v = self.sde.alpha(tt) ** 2 + s2
+        out = self.linears[-1](h)[:, 0]
+        if self._scale_output:
+            out = out / torch.sqrt(s2 + 1e-4)
+        return out + 0.5 * (yc * yc).sum((1, 2)) / v
