@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,3 +57,14 @@ def test_readme_python_snippet_runs():
     exec(compile(block, "README.md", "exec"), namespace)
     gm, x, res = namespace["gm"], namespace["x"], namespace["res"]
     assert (res.nll + gm.log_prob(x)).abs().mean() < 1e-2
+
+
+@pytest.mark.slow
+def test_ala2_quality_benchmark_quick(tmp_path):
+    out = tmp_path / "q.json"
+    res, targets = load("benchmarks/ala2_quality.py").main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    for key in ("aa_js_iid", "aa_js_md", "cg_js_iid", "cg_js_md", "aa_bond_w1_nm",
+                "js_reference_split_half"):
+        assert key in data and np.isfinite(data[key])
+    assert 0.0 <= data["aa"]["aa_md_intact_fraction"] <= 1.0

@@ -50,8 +50,12 @@ def torsion_quadruples(bonds, n_atoms: int) -> list:
     return out
 
 
-def _torsion_cos_sin(p: torch.Tensor, quads: torch.Tensor, eps: float):
-    """cos and sin of torsions, shape (B, Q) each, for positions p (B, N, 3)."""
+def _torsion_cos_sin(p: torch.Tensor, quads: torch.Tensor, eps: float, soft: float = 0.0):
+    """cos and sin of torsions, shape (B, Q) each, for positions p (B, N, 3).
+
+    With ``soft > 0`` both are damped to zero where the torsion is ill-defined
+    (``r = |n1||n2| -> 0``): ``(x, y) / sqrt(r^2 + soft^2)``, bounded gradients everywhere.
+    """
     a, b, c, d = (p[:, quads[:, m]] for m in range(4))
     b1, b2, b3 = b - a, c - b, d - c
     n1 = torch.cross(b1, b2, dim=-1)
@@ -60,7 +64,7 @@ def _torsion_cos_sin(p: torch.Tensor, quads: torch.Tensor, eps: float):
     m1 = torch.cross(n1, b2n, dim=-1)
     x = (n1 * n2).sum(-1)
     y = (m1 * n2).sum(-1)
-    r = torch.sqrt(x * x + y * y + eps ** 4)
+    r = torch.sqrt(x * x + y * y + eps ** 4 + soft ** 2)
     return x / r, y / r
 
 
@@ -84,11 +88,15 @@ class MoleculeEnergy(EnergyModel):
     seed : int, optional
     output_scale : {"sigma", "none"}
         Divide the network's output by ``c(t)`` (default) or not.
+    torsion_soft : float
+        Damping of torsion features where atoms are near collinear or overlap (model
+        units^4); 0 gives plain cos/sin, whose gradients blow up there.
     """
 
     def __init__(self, n_particles: int, torsions=(), hidden: int = 128, layers: int = 3,
                  n_frequencies: int = 6, length_scale: float = 1.0, t_min: float = 1e-3,
-                 sde=None, seed: int | None = None, output_scale: str = "sigma"):
+                 sde=None, seed: int | None = None, output_scale: str = "sigma",
+                 torsion_soft: float = 0.1):
         super().__init__(3 * n_particles, n_particles, length_scale=length_scale, t_min=t_min)
         self.sde = sde if sde is not None else VPSDE()
         torsions = [tuple(int(a) for a in q) for q in torsions]
@@ -98,7 +106,9 @@ class MoleculeEnergy(EnergyModel):
         self._config = {"n_particles": n_particles, "torsions": torsions, "hidden": hidden,
                         "layers": layers, "n_frequencies": n_frequencies,
                         "length_scale": self.length_scale, "t_min": self.t_min,
-                        "sde": self.sde.config(), "output_scale": output_scale}
+                        "sde": self.sde.config(), "output_scale": output_scale,
+                        "torsion_soft": float(torsion_soft)}
+        self.torsion_soft = float(torsion_soft)
         if output_scale not in ("sigma", "none"):
             raise ValueError(f"output_scale must be 'sigma' or 'none', got {output_scale!r}")
         self._scale_output = output_scale == "sigma"
@@ -130,7 +140,8 @@ class MoleculeEnergy(EnergyModel):
     def from_config(cls, config: dict) -> "MoleculeEnergy":
         config = dict(config)
         config["sde"] = sde_from_config(config["sde"])
-        config.setdefault("output_scale", "none")   # files written before the option
+        config.setdefault("output_scale", "none")   # files written before the options
+        config.setdefault("torsion_soft", 0.0)
         return cls(**config)
 
     def features(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -139,7 +150,7 @@ class MoleculeEnergy(EnergyModel):
         d = p[:, self.pair_i] - p[:, self.pair_j]
         feats = [torch.sqrt((d * d).sum(-1) + self.eps ** 2)]
         if self._has_torsions:
-            feats.extend(_torsion_cos_sin(p, self.quads, self.eps))
+            feats.extend(_torsion_cos_sin(p, self.quads, self.eps, self.torsion_soft))
         tt = t.to(p.dtype)[:, None]
         feats += [tt, torch.sin(tt * self.frequencies), torch.cos(tt * self.frequencies)]
         return torch.cat(feats, dim=-1)
