@@ -96,3 +96,33 @@ def test_training_data_mappings(tmp_path, mapping, n):
         assert data.mapping.masses[0] == pytest.approx(m[[4, 5, 6]].sum())
     with pytest.raises(ValueError, match="cannot load"):
         de.load_training_data(str(tmp_path / "missing.dcd"), top=str(tmp_path / "t.pdb"))
+
+
+@pytest.mark.parametrize("kind", ["aa", "cg"])
+def test_shipped_models_load_and_export(kind):
+    import torch
+    from openmm import unit
+
+    import openmm_diffenergy as de
+    path = os.path.join(ROOT, "models", f"ala2_{kind}.pt")
+    model = de.load_model(path, model_class="MoleculeEnergy")
+    meta = model.metadata
+    assert meta["kind"] == kind and meta["temperature"] == 300.0
+    assert len(meta["masses"]) == model.n_particles == len(meta["particle_selection"])
+    assert model.n_particles == (22 if kind == "aa" else 5)
+    ref = load_reference(os.path.join(ROOT, "data", "ala2_vacuum.npz"))
+    x = ref.xyz[:3][:, meta["particle_selection"]]
+    system = openmm.System()
+    for m in meta["masses"]:
+        system.addParticle(m)
+    de.add_learned_force(system, path, masses=True)
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName("Reference"))
+    kt = de.kt_kj_per_mol(300.0)
+    for xi in x:
+        ctx.setPositions(xi.astype(float))
+        f = ctx.getState(getForces=True).getForces(asNumpy=True).value_in_unit(
+            unit.kilojoule_per_mole / unit.nanometer)
+        ref_f = (kt * de.score(model, torch.tensor(xi)[None], model.t_min))[0].detach().numpy()
+        # float32 network: relative error 1e-4 of the largest force
+        assert np.abs(f - ref_f).max() <= 1e-4 * np.abs(ref_f).max()
