@@ -1,5 +1,4 @@
 """Alanine dipeptide: builder, reference-data script, selections, training script."""
-import importlib.util
 import os
 
 import mdtraj
@@ -10,15 +9,7 @@ import pytest
 from openmm_diffenergy.ala2 import load_reference, phi_psi, selection
 from openmm_diffenergy.alanine import alanine_system, build_alanine_dipeptide, is_l_chiral
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(relpath):
-    path = os.path.join(ROOT, relpath)
-    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _helpers import ROOT, load
 
 
 @pytest.mark.parametrize("phi, psi", [(-70.0, 140.0), (-80.0, -40.0), (60.0, 40.0)])

@@ -1,20 +1,11 @@
 """The examples and benchmark scripts run end to end at small settings."""
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(relpath):
-    path = os.path.join(ROOT, relpath)
-    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _helpers import ROOT, load
 
 
 def test_gmm_1d_example(tmp_path):
