@@ -26,6 +26,7 @@ test: setup
 benchmarks: setup
 	$(PY) benchmarks/likelihood_accuracy.py
 	$(PY) benchmarks/md_throughput.py
+	$(PY) benchmarks/ala2_quality.py --aa-ns 0.1 --cg-ns 1.0
 
 clean:
 	rm -rf $(VENV) outputs
