@@ -80,7 +80,7 @@ def main(argv=None):
         integ.step(int(args.equilibrate_ps * 1000 / args.timestep_fs))
         xyz = []
     pdb = io.StringIO()
-    app.PDBFile.writeFile(top, pos * 10 * unit.angstrom / 10, pdb)
+    app.PDBFile.writeFile(top, pos * unit.nanometer, pdb)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     settings.update(force_field="amber14-all" + ("+obc2" if args.solvent == "obc2" else ""),
                     integrator="LangevinMiddleIntegrator", friction_per_ps=1.0,
