@@ -2,9 +2,10 @@
 import json
 import os
 import platform
-import tempfile
 
 import torch
+
+from openmm_diffenergy.io import atomic_write
 
 
 def hardware() -> dict:
@@ -24,11 +25,7 @@ def hardware() -> dict:
 
 
 def write_json(path: str, data: dict) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+    """Write JSON atomically."""
+    with atomic_write(path, "w") as fh:
         json.dump(data, fh, indent=2)
         fh.write("\n")
-    os.replace(tmp, path)

@@ -82,11 +82,10 @@ def run_md(model, masses, n_replicas, ns, dt_fs, start, seed, save_ps=1.0):
     return np.stack(frames, 1) if frames else np.zeros((n_replicas, 0, n, 3))
 
 
-def evaluate(kind, path, ref, args, rng):
+def evaluate(kind, path, ref, ref_pp, args, rng):
     model = de.load_model(path)
     sel = model.metadata["particle_selection"]
     ref_xyz = ref.xyz[:, sel]
-    ref_pp = phi_psi(ref.xyz, ref.topology, "aa")
     out = {}
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -163,7 +162,7 @@ def main(argv=None):
     print(f"JS between the reference halves ({half} vs {len(ref_pp) - half} frames): "
           f"{res['js_reference_split_half']:.4f}")
     for kind, path in (("aa", args.aa), ("cg", args.cg)):
-        r = evaluate(kind, path, ref, args, rng)
+        r = evaluate(kind, path, ref, ref_pp, args, rng)
         res[kind] = r
         res.update({k: v for k, v in r.items() if k.startswith(kind + "_")})
         print(f"{kind}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)

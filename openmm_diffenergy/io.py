@@ -12,12 +12,13 @@ atomically, so an interrupted save never leaves a half-written model behind.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
 import torch
 
-__all__ = ["save_model", "load_model", "register_model", "MODEL_FORMAT"]
+__all__ = ["save_model", "load_model", "register_model", "atomic_write", "MODEL_FORMAT"]
 
 MODEL_FORMAT = "openmm_diffenergy.model"
 FORMAT_VERSION = 1
@@ -34,13 +35,19 @@ def register_model(cls):
     return cls
 
 
-def _atomic_torch_save(obj, path: str) -> None:
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb"):
+    """Open a temporary file beside ``path``; on success it replaces ``path`` in one step.
+
+    If the block raises, the temporary file is removed and ``path`` is left as it was,
+    so an interrupted write never leaves a half-written file behind.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with os.fdopen(fd, mode) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -48,6 +55,11 @@ def _atomic_torch_save(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    with atomic_write(path) as fh:
+        torch.save(obj, fh)
 
 
 def save_model(model, path: str, **metadata) -> str:

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -28,14 +27,11 @@ from tqdm.auto import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from openmm_diffenergy.alanine import alanine_system, build_alanine_dipeptide, is_l_chiral  # noqa
+from openmm_diffenergy.io import atomic_write  # noqa: E402
 
 def atomic_savez(path, **arrays):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz")
-    with os.fdopen(fd, "wb") as fh:
+    with atomic_write(path) as fh:
         np.savez_compressed(fh, **arrays)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -96,10 +92,8 @@ def main(argv=None):
         atomic_savez(partial, xyz=np.array(xyz))
         state = openmm.XmlSerializer.serialize(ctx.getState(getPositions=True,
                                                             getVelocities=True))
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(state_file)))
-        with os.fdopen(fd, "w") as fh:
+        with atomic_write(state_file, "w") as fh:
             fh.write(state)
-        os.replace(tmp, state_file)
     bar.close()
     xyz = np.array(xyz)
     chiral = is_l_chiral(top, xyz)

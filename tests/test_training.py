@@ -107,3 +107,17 @@ def test_bad_training_data():
     bad[3, 1, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         de.train(tiny_model(), bad, progress=False)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    from openmm_diffenergy.io import atomic_write
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(str(path), "w") as fh:
+            fh.write("half")
+            raise RuntimeError("interrupted")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+    with atomic_write(str(path), "w") as fh:
+        fh.write("new")
+    assert path.read_text() == "new"
