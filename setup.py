@@ -24,4 +24,9 @@ setup(
         "matplotlib",
     ],
     extras_require={"test": ["pytest"], "mbar": ["pymbar"]},
+    entry_points={
+        "console_scripts": ["diffenergy = openmm_diffenergy.cli:main"],
+        "openmmml.potentials": [
+            "diffenergy = openmm_diffenergy.openmmml_potential:DiffEnergyPotentialImplFactory"],
+    },
 )
