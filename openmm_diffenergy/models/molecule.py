@@ -13,6 +13,9 @@ correction, divided by ``c(t) = sqrt(sigma(t)^2 + 0.01^2)`` (so that the network
 stays of order one while the score grows like ``1/sigma`` at small ``t``), and added to a
 Gaussian baseline ``|y_c|^2 / (2 v(t))``, ``v = alpha^2 + sigma^2``, the exact energy of
 unit-variance data at ``t = 1``, which keeps the learned energy confining at every ``t``.
+An optional :class:`~openmm_diffenergy.models.prior.FeaturePrior` (a harmonic energy on
+bond and 1-3 distances and on the signed volumes around branching atoms, with statistics
+measured on the diffused training data) holds the stiff coordinates and the chirality.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from ..io import register_model
 from ..sde import VPSDE, sde_from_config
 from .base import EnergyModel
+from .prior import FeaturePrior
 
 __all__ = ["MoleculeEnergy", "torsion_quadruples"]
 
@@ -91,12 +95,16 @@ class MoleculeEnergy(EnergyModel):
     torsion_soft : float
         Damping of torsion features where atoms are near collinear or overlap (model
         units^4); 0 gives plain cos/sin, whose gradients blow up there.
+    prior : dict, optional
+        A :class:`~openmm_diffenergy.models.prior.FeaturePrior` as its ``config()``
+        (pairs, centres and the diffused feature statistics, usually from
+        ``FeaturePrior.fit`` on the training data), added to the energy.
     """
 
     def __init__(self, n_particles: int, torsions=(), hidden: int = 128, layers: int = 3,
                  n_frequencies: int = 6, length_scale: float = 1.0, t_min: float = 1e-3,
                  sde=None, seed: int | None = None, output_scale: str = "sigma",
-                 torsion_soft: float = 0.1):
+                 torsion_soft: float = 0.1, prior: dict | None = None):
         super().__init__(3 * n_particles, n_particles, length_scale=length_scale, t_min=t_min)
         self.sde = sde if sde is not None else VPSDE()
         torsions = [tuple(int(a) for a in q) for q in torsions]
@@ -107,7 +115,7 @@ class MoleculeEnergy(EnergyModel):
                         "layers": layers, "n_frequencies": n_frequencies,
                         "length_scale": self.length_scale, "t_min": self.t_min,
                         "sde": self.sde.config(), "output_scale": output_scale,
-                        "torsion_soft": float(torsion_soft)}
+                        "torsion_soft": float(torsion_soft), "prior": prior}
         self.torsion_soft = float(torsion_soft)
         if output_scale not in ("sigma", "none"):
             raise ValueError(f"output_scale must be 'sigma' or 'none', got {output_scale!r}")
@@ -132,6 +140,8 @@ class MoleculeEnergy(EnergyModel):
             self.linears[-1].weight.mul_(0.1)
         self.eps = 1e-3
         self._has_torsions = len(torsions) > 0   # a Python bool: tracing keeps it constant
+        self.prior = None if prior is None else FeaturePrior(n_particles, sde=self.sde, **prior)
+        self._has_prior = prior is not None
 
     def config(self) -> dict:
         return dict(self._config)
@@ -168,4 +178,7 @@ class MoleculeEnergy(EnergyModel):
         out = self.linears[-1](h)[:, 0]
         if self._scale_output:
             out = out / torch.sqrt(s2 + 1e-4)
-        return out + 0.5 * (yc * yc).sum((1, 2)) / v
+        out = out + 0.5 * (yc * yc).sum((1, 2)) / v
+        if self._has_prior:
+            out = out + self.prior(y, t).to(out.dtype)
+        return out
