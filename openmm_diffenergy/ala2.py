@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Reference", "load_reference", "selection", "CG_BACKBONE", "phi_psi"]
+__all__ = ["Reference", "load_reference", "generate_reference", "selection", "CG_BACKBONE",
+           "phi_psi"]
 
 # the 5-bead coarse-grained backbone: C(ACE) N CA C N(NME)
 CG_BACKBONE = (("ACE", "C"), ("ALA", "N"), ("ALA", "CA"), ("ALA", "C"), ("NME", "N"))
@@ -48,6 +49,136 @@ def load_reference(path: str) -> Reference:
     masses = np.array([a.element.mass for a in top.atoms])
     names = [f"{a.residue.name}:{a.name}" for a in top.atoms]
     return Reference(data["xyz"], top, masses, names, json.loads(str(data["settings"])))
+
+
+def _atomic_savez(path, **arrays):
+    from .io import atomic_write
+
+    with atomic_write(path) as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def generate_reference(out: str, ns: float = 20.0, save_ps: float = 2.0, chunk_ps: float = 200.0,
+                       equilibrate_ps: float = 100.0, solvent: str = "vacuum",
+                       temperature: float = 300.0, timestep_fs: float = 1.0, seed: int = 2025,
+                       platform: str = "Reference", progress: bool = True,
+                       log=print) -> Reference:
+    """Reference MD of alanine dipeptide with amber14, written to ``out`` (``.npz``).
+
+    Builds ACE-ALA-NME from internal coordinates, parameterizes it with amber14 (vacuum or
+    OBC2), minimizes, equilibrates and runs Langevin dynamics (no constraints, friction
+    1/ps), saving a frame every ``save_ps``. After each chunk of ``chunk_ps`` the frames
+    and the integrator state are saved atomically beside ``out``; calling again with the
+    same ``out`` resumes where a run stopped.
+
+    Parameters
+    ----------
+    out : str
+        Output ``.npz``: ``xyz`` (F, 22, 3) float32 nm, ``time_ps`` (F,), ``topology_pdb``
+        (PDB text) and ``settings`` (JSON text).
+    ns : float
+        Production length, ns.
+    save_ps, chunk_ps, equilibrate_ps : float
+        Frame interval, checkpoint interval and equilibration length, ps.
+    solvent : {"vacuum", "obc2"}
+    temperature : float
+        Kelvin.
+    timestep_fs : float
+        Femtoseconds.
+    seed : int
+        Seeds the velocities and the Langevin noise.
+    platform : str
+        OpenMM platform; for 22 atoms Reference ran ~20x faster than CPU on 2 cores.
+    progress : bool
+        Show a progress bar over frames.
+    log : callable
+        Receives status lines.
+
+    Returns
+    -------
+    Reference
+        The data written to ``out``.
+
+    Raises
+    ------
+    ValueError
+        If a length, interval or the temperature is not positive and finite.
+    RuntimeError
+        If any frame lost L-chirality (the run is then invalid).
+    """
+    import time
+
+    import openmm
+    from openmm import app, unit
+    from tqdm.auto import tqdm
+
+    from .alanine import alanine_system, build_alanine_dipeptide, is_l_chiral
+    from .io import atomic_write
+
+    for name, value in (("ns", ns), ("save_ps", save_ps), ("chunk_ps", chunk_ps),
+                        ("temperature", temperature), ("timestep_fs", timestep_fs)):
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {value}")
+    if not (np.isfinite(equilibrate_ps) and equilibrate_ps >= 0):
+        raise ValueError(f"equilibrate_ps must be >= 0, got {equilibrate_ps}")
+    top, pos = build_alanine_dipeptide()
+    system = alanine_system(top, solvent, constraints=None)
+    dt = timestep_fs * unit.femtoseconds
+    integ = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1 / unit.picosecond, dt)
+    integ.setRandomNumberSeed(seed)
+    ctx = openmm.Context(system, integ, openmm.Platform.getPlatformByName(platform))
+    steps_per_frame = int(round(save_ps * 1000 / timestep_fs))
+    frames_total = int(round(ns * 1000 / save_ps))
+    frames_per_chunk = max(1, int(round(chunk_ps / save_ps)))
+    partial, state_file = out + ".partial.npz", out + ".state.xml"
+
+    if os.path.exists(partial) and os.path.exists(state_file):
+        done = dict(np.load(partial))
+        xyz = list(done["xyz"])
+        with open(state_file) as fh:
+            ctx.setState(openmm.XmlSerializer.deserialize(fh.read()))
+        log(f"resuming at frame {len(xyz)} of {frames_total}")
+    else:
+        ctx.setPositions(pos)
+        openmm.LocalEnergyMinimizer.minimize(ctx)
+        ctx.setVelocitiesToTemperature(temperature * unit.kelvin, seed)
+        integ.step(int(equilibrate_ps * 1000 / timestep_fs))
+        xyz = []
+    pdb = io.StringIO()
+    app.PDBFile.writeFile(top, pos * unit.nanometer, pdb)
+    settings = {"ns": ns, "save_ps": save_ps, "chunk_ps": chunk_ps,
+                "equilibrate_ps": equilibrate_ps, "solvent": solvent,
+                "temperature": temperature, "timestep_fs": timestep_fs, "seed": seed,
+                "platform": platform}
+    settings.update(force_field="amber14-all" + ("+obc2" if solvent == "obc2" else ""),
+                    integrator="LangevinMiddleIntegrator", friction_per_ps=1.0,
+                    constraints=None)
+    start = time.perf_counter()
+    bar = tqdm(total=frames_total, initial=len(xyz), desc="ala2 MD frames", unit="frame",
+               disable=not progress)
+    while len(xyz) < frames_total:
+        for _ in range(min(frames_per_chunk, frames_total - len(xyz))):
+            integ.step(steps_per_frame)
+            x = ctx.getState(getPositions=True).getPositions(asNumpy=True)
+            xyz.append(np.asarray(x.value_in_unit(unit.nanometer), dtype=np.float32))
+            bar.update(1)
+        _atomic_savez(partial, xyz=np.array(xyz))
+        state = openmm.XmlSerializer.serialize(ctx.getState(getPositions=True,
+                                                            getVelocities=True))
+        with atomic_write(state_file, "w") as fh:
+            fh.write(state)
+    bar.close()
+    xyz = np.array(xyz)
+    chiral = is_l_chiral(top, xyz)
+    if not chiral.all():
+        raise RuntimeError(f"{(~chiral).sum()} frames lost L-chirality; the run is invalid")
+    _atomic_savez(out, xyz=xyz, time_ps=np.arange(1, len(xyz) + 1) * save_ps,
+                  topology_pdb=np.array(pdb.getvalue()), settings=np.array(json.dumps(settings)))
+    os.remove(partial)
+    os.remove(state_file)
+    log(f"wrote {out}: {len(xyz)} frames, {len(xyz) * save_ps / 1000:g} ns "
+        f"({time.perf_counter() - start:.0f} s this run)")
+    return load_reference(out)
 
 
 def _find(top, resname, name):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .coordinates import centre, subspace_noise
 from .io import _atomic_torch_save
 
-__all__ = ["TrainConfig", "train", "dsm_loss", "fp_residual"]
+__all__ = ["TrainConfig", "train", "train_and_save", "dsm_loss", "fp_residual"]
 
 
 @dataclass
@@ -227,3 +227,52 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
     model.load_state_dict(ema.state_dict())
     model.eval()
     return {"history": history, "config": asdict(config)}
+
+
+def train_and_save(model, positions: torch.Tensor, out: str, config: TrainConfig | None = None,
+                   header=(), progress: bool = True, training_info: dict | None = None,
+                   **metadata) -> dict:
+    """Train a model with checkpoints beside ``out``, save it there, and log the run.
+
+    The checkpoint is ``<out>.ckpt`` (a rerun resumes from it) and the log, appended to,
+    is ``<out>.log``.
+
+    Parameters
+    ----------
+    model : EnergyModel
+        Particle model of a registered class; trained in place.
+    positions : torch.Tensor, shape (F, N, 3)
+        Training configurations, nm.
+    out : str
+        Model file to write (:func:`openmm_diffenergy.save_model`).
+    config : TrainConfig, optional
+    header : sequence of str
+        Lines written to the log before training (command, data description).
+    progress : bool
+        Show a progress bar.
+    training_info : dict, optional
+        Extra entries for the ``training`` metadata (data file, frames, command).
+    **metadata
+        Stored in the model file (masses, temperature, particle selection, ...).
+
+    Returns
+    -------
+    dict
+        :func:`train`'s result (``history``, ``config``).
+    """
+    from .io import save_model
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".log", "a") as logfile:
+        def log(line):
+            print(line, file=logfile, flush=True)
+
+        for line in header:
+            log(line)
+        result = train(model, positions, config=config, checkpoint=out + ".ckpt",
+                       progress=progress, log=log)
+        save_model(model, out, **metadata,
+                   training={**result["config"], "history": result["history"][-5:],
+                             **(training_info or {})})
+        log(f"saved {out}")
+    return result

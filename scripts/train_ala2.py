@@ -17,6 +17,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import openmm_diffenergy as de  # noqa: E402
+from openmm_diffenergy.cli import (add_model_arguments, add_train_config_arguments,  # noqa: E402
+                                   train_config)
+from openmm_diffenergy.training import train_and_save  # noqa: E402
 from openmm_diffenergy.ala2 import load_reference, selection  # noqa: E402
 
 
@@ -26,17 +29,9 @@ def main(argv=None):
     ap.add_argument("--kind", choices=["aa", "cg"], required=True)
     ap.add_argument("--data", default=os.path.join(ROOT, "data", "ala2_vacuum.npz"))
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=20000)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--fp-weight", type=float, default=0.0)
-    ap.add_argument("--t-power", type=float, default=1.0,
-                    help="training times t_eps + (1 - t_eps) u^p: p > 1 favours small t")
-    ap.add_argument("--t-min", type=float, default=1e-3)
+    add_model_arguments(ap)
+    add_train_config_arguments(ap)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     command = "python scripts/train_ala2.py " + " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
@@ -48,26 +43,17 @@ def main(argv=None):
     length_scale = float(yc.pow(2).mean().sqrt())
     model = de.MoleculeEnergy(len(sel), torsions, hidden=args.hidden, layers=args.layers,
                               length_scale=length_scale, t_min=args.t_min, seed=args.seed)
-    config = de.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            fp_weight=args.fp_weight, t_power=args.t_power, seed=args.seed)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    logfile = open(args.out + ".log", "a")
-
-    def log(line):
-        print(line, file=logfile, flush=True)
-
-    log(f"command: {command}")
-    log(f"data: {args.data}, {len(xyz)} frames; particles {len(sel)}; length scale "
-        f"{length_scale:.4f} nm; torsions {len(torsions)}")
-    result = de.train(model, xyz, config=config, checkpoint=args.out + ".ckpt", log=log)
+    config = train_config(args)
     masses = [float(ref.masses[i]) for i in sel]
-    de.save_model(model, args.out, masses=masses, temperature=300.0, kind=args.kind,
-                  particle_selection=[int(i) for i in sel],
-                  atom_names=[ref.atom_names[i] for i in sel],
-                  training={**result["config"], "history": result["history"][-5:],
-                            "data": os.path.basename(args.data), "frames": len(xyz),
-                            "command": command})
-    log(f"saved {args.out}")
+    header = [f"command: {command}",
+              f"data: {args.data}, {len(xyz)} frames; particles {len(sel)}; length scale "
+              f"{length_scale:.4f} nm; torsions {len(torsions)}"]
+    result = train_and_save(model, xyz, args.out, config=config, header=header,
+                            training_info={"data": os.path.basename(args.data),
+                                           "frames": len(xyz), "command": command},
+                            masses=masses, temperature=300.0, kind=args.kind,
+                            particle_selection=[int(i) for i in sel],
+                            atom_names=[ref.atom_names[i] for i in sel])
     print(json.dumps(result["history"][-1]))
 
 
