@@ -59,3 +59,34 @@ def test_ala2_quality_benchmark_quick(tmp_path):
                 "js_reference_split_half"):
         assert key in data and np.isfinite(data[key])
     assert 0.0 <= data["aa"]["aa_md_intact_fraction"] <= 1.0
+
+
+def test_add_to_openmm_script_example(tmp_path):
+    import mdtraj
+    import torch
+
+    import openmm_diffenergy as de
+    out = tmp_path / "mixed.dcd"
+    res = load("examples/add_to_openmm_script.py").main(
+        ["--steps", "20", "--report-every", "10", "--weight", "0.1", "--out", str(out)])
+    from openmm_diffenergy.alanine import build_alanine_dipeptide
+    top = mdtraj.Topology.from_openmm(build_alanine_dipeptide()[0])
+    traj = mdtraj.load(str(out), top=top)
+    assert traj.n_frames == 2 and traj.n_atoms == 22      # a frame every 10 steps
+    # the learned force group holds exactly w * kT * E(x, t_min) at the final positions
+    model = de.load_model(os.path.join(ROOT, "models", "ala2_aa.pt"))
+    x = torch.tensor(np.asarray(res["positions_nm"]), dtype=torch.float32)[None]
+    expected = 0.1 * de.kt_kj_per_mol(300.0) * model.energy(x, model.t_min).item()
+    assert res["learned_kj_mol"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    assert res["potential_kj_mol"] != pytest.approx(res["learned_kj_mol"], abs=1.0)
+
+
+def test_cg_md_example(tmp_path):
+    res = load("examples/cg_md.py").main(
+        ["--steps", "100", "--save-ps", "0.02", "--replicas", "2", "--out-dir", str(tmp_path)])
+    assert res["frames"] == 10                       # 100 steps, a frame every 10
+    assert res["phi_psi_deg"].shape == (20, 2)       # 10 frames x 2 replicas
+    assert np.isfinite(res["phi_psi_deg"]).all()
+    assert 0.0 <= res["beta"] + res["alpha_R"] <= 1.0
+    assert (tmp_path / "cg_md.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "cg_md.pdb").exists()
