@@ -561,7 +561,9 @@ def run_langevin(system, positions, temperature: float, timestep_fs: float, n_st
             state = ctx.getState(getPositions=True, getEnergy=True)
             learned = ctx.getState(getEnergy=True, groups={learned_group})
         except Exception as err:  # the learned force rejects NaN positions
-            error = f"the simulation became unstable after {done} steps ({_one_line(err)})"
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            why = lines[-1].replace("builtins.", "") if lines else type(err).__name__
+            error = f"the simulation became unstable within steps {done}-{done + chunk} ({why})"
             break
         x = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
         if not np.isfinite(x).all():
@@ -1039,8 +1041,8 @@ def _simulate_run(args) -> int:
     if png and len(md["xyz"]):
         _simulate_png(png, topology, md, temperature)
     if md["error"]:
-        raise RuntimeError(md["error"] + "; the frames before it were written. Try a smaller "
-                           "--timestep-fs or --minimize")
+        kept = f"; the {len(md['xyz'])} frames before it were written" if len(md["xyz"]) else ""
+        raise RuntimeError(f"{md['error']}{kept}; try a smaller --timestep-fs or --minimize")
     return 0
 
 

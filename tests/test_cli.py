@@ -173,6 +173,17 @@ def test_simulate_beside_amber(tmp_path):
     assert rows[-1, 2] == pytest.approx(expected, rel=1e-3, abs=0.05)
 
 
+def test_simulate_reports_a_blow_up_in_one_line(tmp_path, capsys):
+    # 40 fs with amber's unconstrained X-H bonds: positions turn NaN within a few steps
+    out = str(tmp_path / "blow.dcd")
+    capsys.readouterr()
+    assert main(["simulate", AA_MODEL, "--forcefield", "amber14-all.xml", "--timestep-fs",
+                 "40", "--steps", "400", "--save-ps", "0.04", "--out", out, "--no-progress",
+                 "--no-png"]) == 1
+    err = _error_line(capsys, "simulate")
+    assert "became unstable" in err and "NaN" in err and "--timestep-fs" in err
+
+
 def test_nll_json_and_csv(work, tmp_path):
     out = str(tmp_path / "nll.json")
     assert main(["nll", work["model"], work["dcd"], "--top", work["pdb"], "--steps", "4",
