@@ -18,6 +18,12 @@ from .models import (DistanceMLPEnergy, EnergyModel, MoleculeEnergy, torsion_qua
                      mixture_2d, particle_mixture, score, score_fn)
 from .openmm_force import add_learned_force, create_force, kt_kj_per_mol, learned_energy
 from .sde import LinearSDE, VESDE, VPSDE, sde_from_config
+from .reweighting import (FreeEnergyDifference, FreeEnergyProfile, ReweightingResult, collective_variable,
+                          ess, free_energy_from_energies, free_energy_profile, importance_weights,
+                          lambda_free_energy, log_importance_weights, model_energies, potential_energies,
+                          profile_rmse, reduced_energies, reweight_iid, reweight_md, run_learned_md,
+                          sample_with_likelihood)
+from .compare import EnergyComparison, compare_energies, correlation, decoy_ranking, rmsd_to_reference
 from .serialization import deserialize_system, serialize_system
 from .systems import CoarseGraining, replicate_system, split_replicas
 from .training import TrainConfig, dsm_loss, fp_residual, train
@@ -37,4 +43,9 @@ __all__ = [
     "ExactDivergence", "HutchinsonDivergence", "get_estimator",
     "NLLResult", "SampleResult", "nll", "path_nll", "sample",
     "centre", "check_time", "dof", "subspace_basis",
+    "importance_weights", "log_importance_weights", "ess", "potential_energies", "reduced_energies",
+    "model_energies", "collective_variable", "FreeEnergyProfile", "free_energy_profile", "profile_rmse",
+    "sample_with_likelihood", "run_learned_md", "ReweightingResult", "reweight_iid", "reweight_md",
+    "FreeEnergyDifference", "free_energy_from_energies", "lambda_free_energy",
+    "EnergyComparison", "compare_energies", "correlation", "decoy_ranking", "rmsd_to_reference",
 ]
