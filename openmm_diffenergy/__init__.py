@@ -11,7 +11,8 @@ The public contract (see the README)::
 """
 from .coordinates import centre, check_time, dof, subspace_basis
 from .data import TrainingData, load_training_data
-from .divergence import ExactDivergence, HutchinsonDivergence, get_estimator
+from .divergence import (ExactDivergence, FastDivergence, FusedHutchinsonDivergence,
+                         HutchinsonDivergence, get_estimator)
 from .likelihood import NLLResult, SampleResult, nll, path_nll, sample
 from .io import load_model, save_model
 from .models import (DistanceMLPEnergy, EnergyModel, MoleculeEnergy, torsion_quadruples, GaussianMixtureEnergy, mixture_1d,
@@ -40,7 +41,8 @@ __all__ = [
     "serialize_system", "deserialize_system",
     "TrainConfig", "train", "dsm_loss", "fp_residual", "TrainingData", "load_training_data",
     "score", "score_fn",
-    "ExactDivergence", "HutchinsonDivergence", "get_estimator",
+    "ExactDivergence", "HutchinsonDivergence", "FastDivergence", "FusedHutchinsonDivergence",
+    "get_estimator",
     "NLLResult", "SampleResult", "nll", "path_nll", "sample",
     "centre", "check_time", "dof", "subspace_basis",
     "importance_weights", "log_importance_weights", "ess", "potential_energies", "reduced_energies",

@@ -5,12 +5,20 @@ An estimator is called as ``estimator(fn, y, t)`` where ``fn(y, t)`` is a vector
 :func:`~openmm_diffenergy.models.score_fn`), ``y`` has shape (B, dim) and ``t`` shape
 (B,). It returns ``(fn(y, t), div)`` with ``div`` of shape (B,): the value comes for free
 and solvers need it. The exact estimator is the oracle for the stochastic one.
+
+:class:`FastDivergence` and :class:`FusedHutchinsonDivergence` read the model behind a
+score function made by :func:`~openmm_diffenergy.models.score_fn` (its ``model``
+attribute) and, for the package's own networks, propagate the Laplacian forward through
+the network (:mod:`openmm_diffenergy.laplacian`) instead of differentiating twice.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["ExactDivergence", "HutchinsonDivergence", "get_estimator"]
+from . import laplacian, ops
+
+__all__ = ["ExactDivergence", "HutchinsonDivergence", "FastDivergence",
+           "FusedHutchinsonDivergence", "get_estimator"]
 
 
 def _vjp_quadratic(fn, y, t, v):
@@ -123,16 +131,83 @@ class HutchinsonDivergence:
                 "distribution": self.distribution, "seed": self.seed}
 
 
+def _model_of(fn):
+    """The model behind a score function from ``score_fn(model)``, or ``None``."""
+    return getattr(fn, "model", None)
+
+
+class FastDivergence:
+    """Exact divergence of the score by forward-Laplacian propagation, in one pass.
+
+    ``div s = -Laplacian(E)``: the energy network carries its value, its D-column
+    Jacobian and its Laplacian through every layer (the per-layer rule runs in the
+    compiled ``diffenergy`` operators, or in plain torch where they are absent). The
+    score comes with it (``-J``). Agrees with :class:`ExactDivergence` to round-off at a
+    fraction of its cost.
+
+    ``fn`` must be ``score_fn(model)`` of a model with a forward-Laplacian rule
+    (:class:`~openmm_diffenergy.MoleculeEnergy`, :class:`~openmm_diffenergy.DistanceMLPEnergy`);
+    anything else raises ``ValueError``.
+    """
+
+    name = "fast"
+
+    def reset(self):
+        """Nothing to reset; present so that every estimator can be reused the same way."""
+
+    def __call__(self, fn, y, t):
+        model = _model_of(fn)
+        if model is None or not laplacian.supports(model):
+            what = "a function without a model" if model is None else type(model).__name__
+            raise ValueError(
+                f"divergence='fast' needs the score function of a model with a forward-"
+                f"Laplacian rule (MoleculeEnergy, DistanceMLPEnergy), got {what}; use "
+                "divergence='exact' or 'hutchinson'")
+        _, grad, lap = laplacian.forward_laplacian(model, y, t)
+        return -grad, -lap
+
+    def describe(self) -> dict:
+        return {"estimator": self.name,
+                "backend": "diffenergy ops" if ops.using_ops() else "torch"}
+
+
+class FusedHutchinsonDivergence(HutchinsonDivergence):
+    """Hutchinson's estimator with the K probes propagated forward through the network.
+
+    For models with a forward-Laplacian rule, ``sum_k v_k^T Hess(E) v_k`` comes from one
+    forward pass carrying K probe columns instead of D unit vectors (the fused per-layer
+    operators), and the score from one reverse pass. Any other model takes the
+    ``vjp`` route of :class:`HutchinsonDivergence`. The probes, and so the estimate up to
+    round-off, are those of :class:`HutchinsonDivergence` with the same arguments.
+
+    Parameters
+    ----------
+    n_probes, distribution, seed
+        As in :class:`HutchinsonDivergence`.
+    """
+
+    name = "fast-hutchinson"
+
+    def __call__(self, fn, y, t):
+        model = _model_of(fn)
+        if model is None or not laplacian.supports(model):
+            return super().__call__(fn, y, t)
+        _, _, quad = laplacian.forward_laplacian(model, y, t, self.probes(y))
+        return fn(y, t), -quad / self.n_probes
+
+
 def get_estimator(divergence="exact", n_probes: int = 1, probe: str = "rademacher",
                   seed: int | None = None):
     """Resolve a ``divergence=`` argument to an estimator object.
 
     Parameters
     ----------
-    divergence : {"exact", "hutchinson"} or estimator
+    divergence : {"exact", "hutchinson", "fast", "fast-hutchinson"} or estimator
         A name, or an object with the estimator signature (returned unchanged).
+        ``"fast"`` is exact (:class:`FastDivergence`); ``"fast-hutchinson"`` is
+        :class:`FusedHutchinsonDivergence`.
     n_probes, probe, seed
-        Passed to :class:`HutchinsonDivergence`.
+        Passed to the Hutchinson estimators.
     """
     if not isinstance(divergence, str):
         if not callable(divergence):
@@ -142,4 +217,9 @@ def get_estimator(divergence="exact", n_probes: int = 1, probe: str = "rademache
         return ExactDivergence()
     if divergence == "hutchinson":
         return HutchinsonDivergence(n_probes, probe, seed)
-    raise ValueError(f"unknown divergence {divergence!r}; expected 'exact' or 'hutchinson'")
+    if divergence == "fast":
+        return FastDivergence()
+    if divergence == "fast-hutchinson":
+        return FusedHutchinsonDivergence(n_probes, probe, seed)
+    raise ValueError(f"unknown divergence {divergence!r}; expected 'exact', 'hutchinson', "
+                     "'fast' or 'fast-hutchinson'")

@@ -213,8 +213,9 @@ def nll(model, sde, x, path: str = "flow", divergence="exact", steps: int | None
         ``"flow"`` integrates the probability-flow ODE. ``"diffusion"`` follows one
         stochastic path of the forward SDE started at ``x`` (in law, the reverse-SDE path
         conditioned to end at ``x``), simulated with exact Gaussian transitions.
-    divergence : {"exact", "hutchinson"} or estimator
-        Divergence estimator (:mod:`openmm_diffenergy.divergence`).
+    divergence : {"exact", "hutchinson", "fast", "fast-hutchinson"} or estimator
+        Divergence estimator (:mod:`openmm_diffenergy.divergence`). ``"fast"`` is exact,
+        by forward-Laplacian propagation, for MoleculeEnergy and DistanceMLPEnergy.
     steps : int, optional
         Fixed steps: RK4 steps for the flow (default 100), path steps for the diffusion
         path (default 200). Ignored by adaptive solvers.
@@ -338,7 +339,7 @@ def path_nll(model, sde, times, positions, divergence="exact", scheme: str = "si
         the prior) and the other end ``t_0`` is where the likelihood is reported.
     positions : torch.Tensor, shape (S + 1, B, N, 3), (S + 1, B, 3N) or (S + 1, B, d)
         The path, in nm, one frame per time.
-    divergence : {"exact", "hutchinson"} or estimator
+    divergence : {"exact", "hutchinson", "fast", "fast-hutchinson"} or estimator
     scheme : {"simpson", "trapezoid", "ito"}
         Quadrature on each straight segment of the path (see module docstring).
         ``"ito"`` needs ``path_diffusion``.

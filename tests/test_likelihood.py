@@ -143,7 +143,8 @@ def test_sampler_without_likelihood(gm1):
     ({"t_min": 1.0}, "t_min"),
     ({"scheme": "midpoint", "path": "diffusion"}, "scheme"),
     ({"grid_power": 0.5, "path": "diffusion"}, "grid power"),
-    ({"divergence": "fast"}, "unknown divergence"),
+    ({"divergence": "laplace"}, "unknown divergence"),
+    ({"divergence": "fast"}, "forward-Laplacian rule"),   # a mixture has no fast rule
     ({"batch_size": 0}, "batch_size"),
 ])
 def test_bad_nll_arguments(gm1, kwargs, match):

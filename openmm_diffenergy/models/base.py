@@ -87,7 +87,8 @@ def score_fn(model: torch.nn.Module):
     """The score ``s(y, t) = -grad_y E(y, t)`` in model coordinates, as a function.
 
     The returned callable maps ``y`` (B, dim) and ``t`` (B,) to (B, dim). It is built
-    from ``torch.func.grad`` so that it composes with ``vmap``/``jacrev``/``vjp``.
+    from ``torch.func.grad`` so that it composes with ``vmap``/``jacrev``/``vjp``. Its
+    ``model`` attribute is ``model`` (the fast divergence estimators read it).
     """
     def energy_sum(y, t):
         return model(y, t).sum()
@@ -97,6 +98,7 @@ def score_fn(model: torch.nn.Module):
     def fn(y, t):
         return -grad(y, t)
 
+    fn.model = model
     return fn
 
 
