@@ -37,23 +37,22 @@ def supports(model) -> bool:
 
 
 def _distance_jet(p, pair_i, pair_j, eps, directions):
-    """Distances ``sqrt(|p_i - p_j|^2 + eps^2)``: values, Jacobian entries, second order.
+    """Distances ``d = sqrt(|p_i - p_j|^2 + eps^2)`` with first and second derivatives.
 
-    Returns value (B, P), entries (B, P, 6) for coordinates ``[3i..3i+2, 3j..3j+2]`` and
-    the Laplacian (B, P), or with ``directions`` (K, B, N, 3) the sum over probes of
-    ``w^T Hess w``, ``w = v_i - v_j``, with ``Hess = (I - r r^T / d^2) / d``.
+    Returns the value (B, P); the Jacobian entries (B, P, 6) for coordinates
+    ``[3i..3i+2, 3j..3j+2]``, or with ``directions`` (K, B, N, 3) the derivatives along
+    them (B, K, P); and the Laplacian (B, P), or the sum over the directions of
+    ``w^T Hess w``, ``w = v_i - v_j``, ``Hess = (I - r r^T / d^2) / d``.
     """
     r = p[:, pair_i] - p[:, pair_j]
     r2 = (r * r).sum(-1)
     d = torch.sqrt(r2 + eps ** 2)
     u = r / d[..., None]
-    entries = torch.cat([u, -u], dim=-1)
     if directions is None:
-        second = 2 * (3 - r2 / d ** 2) / d
-    else:
-        w = directions[:, :, pair_i] - directions[:, :, pair_j]          # (K, B, P, 3)
-        second = (((w * w).sum(-1) - (w * r).sum(-1) ** 2 / d ** 2) / d).sum(0)
-    return d, entries, second
+        return d, torch.cat([u, -u], dim=-1), 2 * (3 - r2 / d ** 2) / d
+    w = directions[:, :, pair_i] - directions[:, :, pair_j]              # (K, B, P, 3)
+    second = (((w * w).sum(-1) - (w * r).sum(-1) ** 2 / d ** 2) / d).sum(0)
+    return d, (w * u).sum(-1).transpose(0, 1), second
 
 
 class _Jet:
@@ -135,54 +134,49 @@ def _torsion_jet(p, quads, eps, soft, columns):
 
 
 def _feature_jet(model, p, t, directions):
-    """Input features of ``model``: value (B, F), Jacobian entries, second-order term (B, F).
+    """Input features of ``model`` with their first and second derivatives.
 
-    Returns ``(h, vals, feat, coord, second)`` with ``vals`` (B, E) the Jacobian entries
-    ``d h[:, feat[e]] / d y[:, coord[e]]``.
+    Returns ``(h, first, second)``: values (B, F); without ``directions`` the Jacobian
+    as entries ``(vals, feat, coord)``, ``vals`` (B, E) being ``d h[:, feat[e]] /
+    d y[:, coord[e]]``, with ``directions`` (K, B, N, 3) the derivatives along them
+    (B, K, F); and the Laplacians, or sums of probe quadratic forms, (B, F).
     """
     B, dev = p.shape[0], p.device
     n_pairs = model.pair_i.shape[0]
-    d, dist_vals, dist_second = _distance_jet(p, model.pair_i, model.pair_j, model.eps,
-                                              directions)
-    xyz = torch.arange(3, device=dev)
-    coord_i = 3 * model.pair_i[:, None] + xyz
-    coord_j = 3 * model.pair_j[:, None] + xyz
-    values, vals = [d], [dist_vals.reshape(B, -1)]
-    coords = [torch.cat([coord_i, coord_j], dim=1).reshape(-1)]
-    feats = [torch.arange(n_pairs, device=dev).repeat_interleave(6)]
-    seconds = [dist_second]
-    if getattr(model, "_has_torsions", False):
-        quads = model.quads
+    d, dist_first, dist_second = _distance_jet(p, model.pair_i, model.pair_j, model.eps,
+                                               directions)
+    values, firsts, seconds = [d], [dist_first], [dist_second]
+    quads = model.quads if getattr(model, "_has_torsions", False) else None
+    if quads is not None:
         Q = quads.shape[0]
-        eye = torch.eye(12, dtype=p.dtype, device=dev).reshape(4, 3, 12)
-        cos, sin = _torsion_jet(p, quads, model.eps, model.torsion_soft,
-                                eye.expand(B, Q, 4, 3, 12))
-        if directions is not None:       # second order along the probes instead
-            probes = directions[:, :, quads].permute(1, 2, 3, 4, 0)      # (B, Q, 4, 3, K)
-            pc, ps = _torsion_jet(p, quads, model.eps, model.torsion_soft, probes)
-            cos.l, sin.l = pc.l, ps.l
-        qc = (3 * quads[:, :, None] + xyz).reshape(Q, 12)
+        if directions is None:
+            columns = torch.eye(12, dtype=p.dtype, device=dev).reshape(4, 3, 12)
+            columns = columns.expand(B, Q, 4, 3, 12)
+        else:
+            columns = directions[:, :, quads].permute(1, 2, 3, 4, 0)      # (B, Q, 4, 3, K)
+        cos, sin = _torsion_jet(p, quads, model.eps, model.torsion_soft, columns)
         values += [cos.v, sin.v]
-        vals += [cos.j.reshape(B, -1), sin.j.reshape(B, -1)]
-        coords.append(qc.repeat(2, 1).reshape(-1))
-        feats.append((n_pairs + torch.arange(2 * Q, device=dev)).repeat_interleave(12))
         seconds += [cos.l, sin.l]
+        if directions is None:
+            firsts += [cos.j, sin.j]
+        else:
+            firsts += [cos.j.transpose(1, 2), sin.j.transpose(1, 2)]
     tt = t.to(p.dtype)[:, None]
-    time_feats = [tt, torch.sin(tt * model.frequencies), torch.cos(tt * model.frequencies)]
+    values += [tt, torch.sin(tt * model.frequencies), torch.cos(tt * model.frequencies)]
     n_time = 1 + 2 * model.frequencies.shape[0]
-    values += time_feats
     seconds.append(p.new_zeros(B, n_time))
-    return (torch.cat(values, 1), torch.cat(vals, 1), torch.cat(feats), torch.cat(coords),
-            torch.cat(seconds, 1))
-
-
-def _directional(vals, feat, coord, directions, n_features):
-    """Feature derivatives along probes, (B, K, F), from the sparse Jacobian entries."""
-    K, B = directions.shape[0], directions.shape[1]
-    v = directions.reshape(K, B, -1)[:, :, coord]                      # (K, B, E)
-    out = vals.new_zeros(B, K, n_features)
-    out.index_add_(2, feat, (vals[None] * v).transpose(0, 1))
-    return out
+    h, second = torch.cat(values, 1), torch.cat(seconds, 1)
+    if directions is not None:
+        firsts.append(p.new_zeros(B, directions.shape[0], n_time))
+        return h, torch.cat(firsts, 2), second
+    xyz = torch.arange(3, device=dev)
+    coords = [torch.cat([3 * model.pair_i[:, None] + xyz, 3 * model.pair_j[:, None] + xyz], 1)]
+    feats = [torch.arange(n_pairs, device=dev).repeat_interleave(6)]
+    if quads is not None:
+        coords.append((3 * quads[:, :, None] + xyz).reshape(Q, 12).repeat(2, 1))
+        feats.append((n_pairs + torch.arange(2 * Q, device=dev)).repeat_interleave(12))
+    vals = torch.cat([f.reshape(B, -1) for f in firsts], 1)
+    return h, (vals, torch.cat(feats), torch.cat([c.reshape(-1) for c in coords])), second
 
 
 def forward_laplacian(model, y: torch.Tensor, t: torch.Tensor, directions=None):
@@ -222,14 +216,13 @@ def forward_laplacian(model, y: torch.Tensor, t: torch.Tensor, directions=None):
     p = y.to(dt).reshape(B, -1, 3)
     if directions is not None:
         directions = directions.to(dt).reshape(directions.shape[0], B, -1, 3)
-    h, vals, feat, coord, second = _feature_jet(model, p, t, directions)
+    h, first, second = _feature_jet(model, p, t, directions)
     lin = model.linears
     if directions is None:
-        h, J, L = ops.sparse_linear_silu_laplacian(h, vals, feat, coord, second, lin[0].weight,
+        h, J, L = ops.sparse_linear_silu_laplacian(h, *first, second, lin[0].weight,
                                                    lin[0].bias, D)
     else:
-        J = _directional(vals, feat, coord, directions, h.shape[1])
-        h, J, L = ops.linear_silu_laplacian(h, J, second, lin[0].weight, lin[0].bias)
+        h, J, L = ops.linear_silu_laplacian(h, first, second, lin[0].weight, lin[0].bias)
     for layer in lin[1:-1]:
         h, J, L = ops.linear_silu_laplacian(h, J, L, layer.weight, layer.bias)
     w = lin[-1].weight[0]
