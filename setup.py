@@ -80,7 +80,10 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", build_dir, "--target", ext.target, "-j", jobs],
                        check=True)
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        shutil.copyfile(os.path.join(build_dir, f"lib{ext.target}.so"), out)
+        # copy, then rename: processes that have the old library loaded keep their copy
+        tmp = out + ".tmp"
+        shutil.copyfile(os.path.join(build_dir, f"lib{ext.target}.so"), tmp)
+        os.replace(tmp, out)
 
 setup(
     name="openmm_diffenergy",

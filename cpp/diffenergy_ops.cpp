@@ -8,6 +8,11 @@
 // (B, H_in):  J' = silu'(z) (J W^T),  L' = silu'(z) (L W^T) + silu''(z) sum_c (J W^T)^2.
 // The sparse variant takes the input Jacobian as entries vals[:, e] at (feat[e], coord[e])
 // and gathers J W^T column by column instead of multiplying a mostly-zero matrix.
+//
+//   torsion_jet(p, quads, eps, soft) -> (value, jac, lap)
+//
+// The damped torsion cos/sin features of the energy network with their derivatives over
+// the 12 coordinates each torsion touches and their Laplacians (torsion_jet.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -17,6 +22,7 @@
 
 #include "cpu_kernels.h"
 #include "diffenergy_ops.h"
+#include "torsion_jet.h"
 
 namespace diffenergy {
 namespace {
@@ -95,6 +101,24 @@ Triple sparse_linear_silu_laplacian_cpu(const at::Tensor& h, const at::Tensor& v
   return {s.h_out, s.J_out, s.L_out};
 }
 
+Triple torsion_jet_cpu(const at::Tensor& p, const at::Tensor& quads, double eps, double soft) {
+  auto s = prepare_torsion(p, quads);
+  const int64_t B = s.B, N = s.N, Q = s.Q;
+  AT_DISPATCH_FLOATING_TYPES(s.p.scalar_type(), "torsion_jet_cpu", [&] {
+    const scalar_t* pp = s.p.data_ptr<scalar_t>();
+    const int64_t* qp = s.quads.data_ptr<int64_t>();
+    scalar_t* vp = s.value.data_ptr<scalar_t>();
+    scalar_t* jp = s.jac.data_ptr<scalar_t>();
+    scalar_t* lp = s.lap.data_ptr<scalar_t>();
+    const auto e = static_cast<scalar_t>(eps), so = static_cast<scalar_t>(soft);
+    at::parallel_for(0, B * Q, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        jet::torsion_item<scalar_t>(i / Q, i % Q, N, Q, pp, qp, e, so, vp, jp, lp);
+    });
+  });
+  return {s.value, s.jac, s.lap};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(diffenergy, m) {
@@ -102,11 +126,13 @@ TORCH_LIBRARY(diffenergy, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("sparse_linear_silu_laplacian(Tensor h, Tensor vals, Tensor feat, Tensor coord, "
         "Tensor L, Tensor W, Tensor b, int n_cols) -> (Tensor, Tensor, Tensor)");
+  m.def("torsion_jet(Tensor p, Tensor quads, float eps, float soft) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(diffenergy, CPU, m) {
   m.impl("linear_silu_laplacian", &linear_silu_laplacian_cpu);
   m.impl("sparse_linear_silu_laplacian", &sparse_linear_silu_laplacian_cpu);
+  m.impl("torsion_jet", &torsion_jet_cpu);
 }
 
 }  // namespace diffenergy

@@ -134,4 +134,36 @@ inline SparseLayer prepare_sparse(const at::Tensor& h, const at::Tensor& vals,
   return s;
 }
 
+// Checked inputs and outputs of torsion_jet: p (B, N, 3), quads (Q, 4) int64 ->
+// value (B, 2, Q), jac (B, 2, Q, 12), lap (B, 2, Q) (index 0 cos, 1 sin).
+struct TorsionJet {
+  at::Tensor p, quads, value, jac, lap;
+  int64_t B, N, Q;
+};
+
+inline TorsionJet prepare_torsion(const at::Tensor& p, const at::Tensor& quads) {
+  TORCH_CHECK(p.dim() == 3 && p.size(2) == 3, "diffenergy: p must have shape (B, N, 3), got ",
+              p.sizes());
+  TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble,
+              "diffenergy: p must be float32 or float64, got ", p.scalar_type());
+  TORCH_CHECK(quads.dim() == 2 && quads.size(1) == 4 && quads.scalar_type() == at::kLong,
+              "diffenergy: quads must be an int64 tensor of shape (Q, 4), got ",
+              quads.scalar_type(), " ", quads.sizes());
+  TORCH_CHECK(quads.device() == p.device(), "diffenergy: quads must be on ", p.device());
+  if (quads.numel() > 0) {
+    TORCH_CHECK(quads.min().item<int64_t>() >= 0 && quads.max().item<int64_t>() < p.size(1),
+                "diffenergy: quads entries must lie in [0, N = ", p.size(1), ")");
+  }
+  TorsionJet s;
+  s.p = p.contiguous();
+  s.quads = quads.contiguous();
+  s.B = p.size(0);
+  s.N = p.size(1);
+  s.Q = quads.size(0);
+  s.value = at::empty({s.B, 2, s.Q}, p.options());
+  s.jac = at::empty({s.B, 2, s.Q, 12}, p.options());
+  s.lap = at::empty({s.B, 2, s.Q}, p.options());
+  return s;
+}
+
 }  // namespace diffenergy

@@ -1,6 +1,7 @@
 // CUDA kernels of the diffenergy operators (schemas in diffenergy_ops.cpp). The linear
-// parts run through ATen (cuBLAS); the activation rule and the sparse first-layer gather
-// are kernels here, launched on the current stream of the inputs' device.
+// parts run through ATen (cuBLAS); the activation rule, the sparse first-layer gather and
+// the torsion feature jets are kernels here, launched on the current stream of the
+// inputs' device.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,6 +9,7 @@
 #include <algorithm>
 
 #include "diffenergy_ops.h"
+#include "torsion_jet.h"
 
 namespace diffenergy {
 namespace {
@@ -61,6 +63,18 @@ __global__ void sparse_gather_kernel(int64_t B, int64_t C, int64_t H, int64_t E,
   }
 }
 
+// One thread per (sample, torsion).
+template <typename T>
+__global__ void torsion_jet_kernel(int64_t B, int64_t N, int64_t Q, const T* __restrict__ p,
+                                   const int64_t* __restrict__ quads, T eps, T soft,
+                                   T* __restrict__ value, T* __restrict__ jac,
+                                   T* __restrict__ lap) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < B * Q;
+       i += stride)
+    jet::torsion_item<T>(i / Q, i % Q, N, Q, p, quads, eps, soft, value, jac, lap);
+}
+
 void launch_silu_rule(const at::Tensor& z, at::Tensor& Jz, const at::Tensor& Lz,
                       at::Tensor& h_out, at::Tensor& L_out) {
   const int64_t B = z.size(0), H = z.size(1), C = Jz.size(1);
@@ -108,11 +122,31 @@ Triple sparse_linear_silu_laplacian_cuda(const at::Tensor& h, const at::Tensor& 
   return {s.h_out, s.J_out, s.L_out};
 }
 
+Triple torsion_jet_cuda(const at::Tensor& p, const at::Tensor& quads, double eps, double soft) {
+  const c10::cuda::CUDAGuard guard(p.device());
+  auto s = prepare_torsion(p, quads);
+  const int64_t items = s.B * s.Q;
+  if (items > 0) {
+    const auto blocks = static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads,
+                                                                1 << 16));
+    auto stream = c10::cuda::getCurrentCUDAStream(p.device().index());
+    AT_DISPATCH_FLOATING_TYPES(s.p.scalar_type(), "torsion_jet_kernel", [&] {
+      torsion_jet_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          s.B, s.N, s.Q, s.p.data_ptr<scalar_t>(), s.quads.data_ptr<int64_t>(),
+          static_cast<scalar_t>(eps), static_cast<scalar_t>(soft), s.value.data_ptr<scalar_t>(),
+          s.jac.data_ptr<scalar_t>(), s.lap.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {s.value, s.jac, s.lap};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(diffenergy, CUDA, m) {
   m.impl("linear_silu_laplacian", &linear_silu_laplacian_cuda);
   m.impl("sparse_linear_silu_laplacian", &sparse_linear_silu_laplacian_cuda);
+  m.impl("torsion_jet", &torsion_jet_cuda);
 }
 
 }  // namespace diffenergy

@@ -7,7 +7,7 @@ term ``L`` through the network:
 - input features (pairwise distances, damped torsion cos/sin, time features): value,
   sparse Jacobian (a distance depends on 6 coordinates, a torsion on 12) and Laplacian,
   analytic for distances, by the same propagation through the torsion formula on the
-  12 coordinates of each torsion; time
+  12 coordinates of each torsion (:func:`openmm_diffenergy.ops.torsion_jet`); time
   features have no spatial derivative;
 - each SiLU layer: the fused rule of :mod:`openmm_diffenergy.ops`;
 - the linear read-out, the ``1/sqrt(sigma^2 + 1e-4)`` output scale and the Gaussian
@@ -55,84 +55,6 @@ def _distance_jet(p, pair_i, pair_j, eps, directions):
     return d, (w * u).sum(-1).transpose(0, 1), second
 
 
-class _Jet:
-    """A value with its derivatives along C columns and its second-order term.
-
-    ``v`` has shape S, ``j`` shape S + (C,), ``l`` shape S: ``l`` is the sum over the
-    columns of the second directional derivatives (the Laplacian when the columns are
-    unit vectors). Products and smooth functions follow the forward-Laplacian rules
-    ``l(ab) = a l(b) + b l(a) + 2 j(a).j(b)`` and ``l(f(a)) = f' l(a) + f'' |j(a)|^2``.
-    """
-
-    __slots__ = ("v", "j", "l")
-
-    def __init__(self, v, j, l_):
-        self.v, self.j, self.l = v, j, l_
-
-    def __add__(self, other):
-        if isinstance(other, _Jet):
-            return _Jet(self.v + other.v, self.j + other.j, self.l + other.l)
-        return _Jet(self.v + other, self.j, self.l)
-
-    def __sub__(self, other):
-        return _Jet(self.v - other.v, self.j - other.j, self.l - other.l)
-
-    def __mul__(self, other):
-        return _Jet(self.v * other.v, self.j * other.v[..., None] + other.j * self.v[..., None],
-                    self.l * other.v + other.l * self.v + 2 * (self.j * other.j).sum(-1))
-
-    def __getitem__(self, index):       # index the last value axis (vector components)
-        return _Jet(self.v[..., index], self.j[..., index, :], self.l[..., index])
-
-    def fn(self, f, d1, d2):
-        """``f(self)`` given the values of ``f``, ``f'`` and ``f''`` at ``self.v``."""
-        return _Jet(f, d1[..., None] * self.j, d1 * self.l + d2 * (self.j * self.j).sum(-1))
-
-    def unsqueeze(self):
-        """Broadcast a scalar jet against 3-vectors."""
-        return _Jet(self.v[..., None], self.j[..., None, :], self.l[..., None])
-
-
-def _sqrt(a: _Jet) -> _Jet:
-    f = torch.sqrt(a.v)
-    return a.fn(f, 0.5 / f, -0.25 / f ** 3)
-
-
-def _reciprocal(a: _Jet) -> _Jet:
-    f = 1 / a.v
-    return a.fn(f, -f * f, 2 * f ** 3)
-
-
-def _dot(a: _Jet, b: _Jet) -> _Jet:
-    p = a * b
-    return _Jet(p.v.sum(-1), p.j.sum(-2), p.l.sum(-1))
-
-
-def _cross(a: _Jet, b: _Jet) -> _Jet:
-    i, k = [1, 2, 0], [2, 0, 1]
-    return a[i] * b[k] - a[k] * b[i]
-
-
-def _torsion_jet(p, quads, eps, soft, columns):
-    """Damped torsion cos and sin as jets, the formula of ``_torsion_cos_sin``.
-
-    ``columns`` (B, Q, 4, 3, C): derivatives of the 4 atoms' coordinates along the C
-    columns. Returns the cos and sin jets, values of shape (B, Q).
-    """
-    zero = p.new_zeros(())
-    a, b, c, d = (_Jet(p[:, quads[:, m]], columns[:, :, m], zero.expand(p.shape[0],
-                  quads.shape[0], 3)) for m in range(4))
-    b1, b2, b3 = b - a, c - b, d - c
-    n1 = _cross(b1, b2)
-    n2 = _cross(b2, b3)
-    b2n = b2 * _reciprocal(_sqrt(_dot(b2, b2) + eps ** 2)).unsqueeze()
-    m1 = _cross(n1, b2n)
-    x = _dot(n1, n2)
-    y = _dot(m1, n2)
-    inv_r = _reciprocal(_sqrt(x * x + y * y + (eps ** 4 + soft ** 2)))
-    return x * inv_r, y * inv_r
-
-
 def _feature_jet(model, p, t, directions):
     """Input features of ``model`` with their first and second derivatives.
 
@@ -150,17 +72,15 @@ def _feature_jet(model, p, t, directions):
     if quads is not None:
         Q = quads.shape[0]
         if directions is None:
-            columns = torch.eye(12, dtype=p.dtype, device=dev).reshape(4, 3, 12)
-            columns = columns.expand(B, Q, 4, 3, 12)
+            tv, tfirst, tsecond = ops.torsion_jet(p, quads, model.eps, model.torsion_soft)
+            firsts.append(tfirst)
         else:
             columns = directions[:, :, quads].permute(1, 2, 3, 4, 0)      # (B, Q, 4, 3, K)
-        cos, sin = _torsion_jet(p, quads, model.eps, model.torsion_soft, columns)
-        values += [cos.v, sin.v]
-        seconds += [cos.l, sin.l]
-        if directions is None:
-            firsts += [cos.j, sin.j]
-        else:
-            firsts += [cos.j.transpose(1, 2), sin.j.transpose(1, 2)]
+            tv, tfirst, tsecond = ops.torsion_jet_torch(p, quads, model.eps, model.torsion_soft,
+                                                        columns)
+            firsts.append(tfirst.permute(0, 3, 1, 2).reshape(B, -1, 2 * Q))
+        values.append(tv.reshape(B, 2 * Q))             # all cos, then all sin
+        seconds.append(tsecond.reshape(B, 2 * Q))
     tt = t.to(p.dtype)[:, None]
     values += [tt, torch.sin(tt * model.frequencies), torch.cos(tt * model.frequencies)]
     n_time = 1 + 2 * model.frequencies.shape[0]

@@ -10,7 +10,9 @@ Two operators carry the value ``h``, a C-column Jacobian ``J`` and a second-orde
 :func:`linear_silu_laplacian` takes a dense ``J``; :func:`sparse_linear_silu_laplacian`
 takes the Jacobian of the network's input features as a list of nonzero entries
 (each feature depends on a few coordinates only), so the first layer costs
-``O(entries * H)`` instead of ``O(F * C * H)``.
+``O(entries * H)`` instead of ``O(F * C * H)``. A third, :func:`torsion_jet`, gives the
+damped torsion features of the energy network with their 12-coordinate Jacobians and
+Laplacians.
 
 The compiled library is built by ``pip install`` (``setup.py`` runs CMake on
 ``CMakeLists.txt``) and loaded when this module is imported; its operators are
@@ -34,7 +36,8 @@ import torch
 
 __all__ = ["available", "cuda_available", "library_path", "load_error", "torch_fallback",
            "using_ops", "linear_silu_laplacian", "sparse_linear_silu_laplacian",
-           "linear_silu_laplacian_torch", "sparse_linear_silu_laplacian_torch"]
+           "torsion_jet", "linear_silu_laplacian_torch", "sparse_linear_silu_laplacian_torch",
+           "torsion_jet_torch"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _state = {"path": None, "error": None, "warned": False,
@@ -209,6 +212,122 @@ def sparse_linear_silu_laplacian(h, vals, feat, coord, L, W, b, n_cols: int):
     return sparse_linear_silu_laplacian_torch(h, vals, feat, coord, L, W, b, n_cols)
 
 
+class _Jet:
+    """A value with its derivatives along C columns and its second-order term.
+
+    ``v`` has shape S, ``j`` shape S + (C,), ``l`` shape S: ``l`` is the sum over the
+    columns of the second directional derivatives (the Laplacian when the columns are
+    unit vectors). Products and smooth functions follow the forward-Laplacian rules
+    ``l(ab) = a l(b) + b l(a) + 2 j(a).j(b)`` and ``l(f(a)) = f' l(a) + f'' |j(a)|^2``.
+    """
+
+    __slots__ = ("v", "j", "l")
+
+    def __init__(self, v, j, l_):
+        self.v, self.j, self.l = v, j, l_
+
+    def __add__(self, other):
+        if isinstance(other, _Jet):
+            return _Jet(self.v + other.v, self.j + other.j, self.l + other.l)
+        return _Jet(self.v + other, self.j, self.l)
+
+    def __sub__(self, other):
+        return _Jet(self.v - other.v, self.j - other.j, self.l - other.l)
+
+    def __mul__(self, other):
+        return _Jet(self.v * other.v, self.j * other.v[..., None] + other.j * self.v[..., None],
+                    self.l * other.v + other.l * self.v + 2 * (self.j * other.j).sum(-1))
+
+    def __getitem__(self, index):       # index the last value axis (vector components)
+        return _Jet(self.v[..., index], self.j[..., index, :], self.l[..., index])
+
+    def fn(self, f, d1, d2):
+        """``f(self)`` given the values of ``f``, ``f'`` and ``f''`` at ``self.v``."""
+        return _Jet(f, d1[..., None] * self.j, d1 * self.l + d2 * (self.j * self.j).sum(-1))
+
+    def unsqueeze(self):
+        """Broadcast a scalar jet against 3-vectors."""
+        return _Jet(self.v[..., None], self.j[..., None, :], self.l[..., None])
+
+
+def _sqrt(a: _Jet) -> _Jet:
+    f = torch.sqrt(a.v)
+    return a.fn(f, 0.5 / f, -0.25 / f ** 3)
+
+
+def _reciprocal(a: _Jet) -> _Jet:
+    f = 1 / a.v
+    return a.fn(f, -f * f, 2 * f ** 3)
+
+
+def _dot(a: _Jet, b: _Jet) -> _Jet:
+    p = a * b
+    return _Jet(p.v.sum(-1), p.j.sum(-2), p.l.sum(-1))
+
+
+def _cross(a: _Jet, b: _Jet) -> _Jet:
+    comps = [a[i] * b[k] - a[k] * b[i] for i, k in ((1, 2), (2, 0), (0, 1))]
+    return _Jet(torch.stack([c.v for c in comps], -1), torch.stack([c.j for c in comps], -2),
+                torch.stack([c.l for c in comps], -1))
+
+
+def torsion_jet_torch(p, quads, eps: float, soft: float, columns=None):
+    """Plain-torch :func:`torsion_jet`, along any columns.
+
+    ``columns`` (B, Q, 4, 3, C) are the derivatives of the 4 atoms' coordinates along C
+    directions; by default the 12 unit vectors (then ``second`` is the Laplacian), else
+    ``second`` is the sum over the columns of the second directional derivatives.
+    """
+    B, Q = p.shape[0], quads.shape[0]
+    if columns is None:
+        columns = torch.eye(12, dtype=p.dtype, device=p.device).reshape(4, 3, 12)
+        columns = columns.expand(B, Q, 4, 3, 12)
+    zero = p.new_zeros(()).expand(B, Q, 3)
+    a, b, c, d = (_Jet(p[:, quads[:, m]], columns[:, :, m], zero) for m in range(4))
+    b1, b2, b3 = b - a, c - b, d - c
+    n1 = _cross(b1, b2)
+    n2 = _cross(b2, b3)
+    b2n = b2 * _reciprocal(_sqrt(_dot(b2, b2) + eps ** 2)).unsqueeze()
+    m1 = _cross(n1, b2n)
+    x = _dot(n1, n2)
+    y = _dot(m1, n2)
+    inv_r = _reciprocal(_sqrt(x * x + y * y + (eps ** 4 + soft ** 2)))
+    cos, sin = x * inv_r, y * inv_r
+    return (torch.stack([cos.v, sin.v], 1), torch.stack([cos.j, sin.j], 1),
+            torch.stack([cos.l, sin.l], 1))
+
+
+def torsion_jet(p, quads, eps: float, soft: float):
+    """Damped torsion cos/sin features with their 12-coordinate Jacobians and Laplacians.
+
+    The features of :class:`~openmm_diffenergy.MoleculeEnergy`: with ``b1 = b - a``,
+    ``b2 = c - b``, ``b3 = d - c``, ``n1 = b1 x b2``, ``n2 = b2 x b3``,
+    ``m1 = n1 x b2 / sqrt(|b2|^2 + eps^2)``, ``x = n1.n2``, ``y = m1.n2``:
+    ``(cos, sin) = (x, y) / sqrt(x^2 + y^2 + eps^4 + soft^2)``.
+
+    Parameters
+    ----------
+    p : torch.Tensor, shape (B, N, 3)
+        Positions (model coordinates), float32 or float64.
+    quads : torch.Tensor of int64, shape (Q, 4)
+        Atom indices (a, b, c, d) of each torsion.
+    eps, soft : float
+        Regularization lengths (model units) and damping (model units^2).
+
+    Returns
+    -------
+    value : torch.Tensor, shape (B, 2, Q)
+        cos (index 0) and sin (index 1).
+    jac : torch.Tensor, shape (B, 2, Q, 12)
+        Derivatives over the coordinates ``(a_x, a_y, a_z, b_x, ..., d_z)``.
+    lap : torch.Tensor, shape (B, 2, Q)
+        Laplacians over those 12 coordinates.
+    """
+    if _use_ops():
+        return torch.ops.diffenergy.torsion_jet(p, quads, float(eps), float(soft))
+    return torsion_jet_torch(p, quads, eps, soft)
+
+
 if available():
     @torch.library.register_fake("diffenergy::linear_silu_laplacian")
     def _linear_fake(h, J, L, W, b):
@@ -221,3 +340,9 @@ if available():
         torch._check(h.dim() == 2 and vals.dim() == 2 and W.dim() == 2)
         B, H = h.shape[0], W.shape[0]
         return h.new_empty(B, H), h.new_empty(B, n_cols, H), L.new_empty(B, H)
+
+    @torch.library.register_fake("diffenergy::torsion_jet")
+    def _torsion_fake(p, quads, eps, soft):
+        torch._check(p.dim() == 3 and quads.dim() == 2)
+        B, Q = p.shape[0], quads.shape[0]
+        return p.new_empty(B, 2, Q), p.new_empty(B, 2, Q, 12), p.new_empty(B, 2, Q)

@@ -199,6 +199,34 @@ def sparse_args(dtype=torch.float64, b=4, f=6, n_cols=5, h=7, seed=0):
     return (r(b, f), r(b, feat.shape[0]), feat, coord, r(b, f), r(h, f), r(h), n_cols)
 
 
+def torsion_args(dtype=torch.float64, b=3, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    quads = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4], [5, 0, 1, 2], [2, 3, 4, 5]])
+    return torch.randn(b, n, 3, generator=g, dtype=dtype), quads, 1e-3, 0.1
+
+
+@pytest.mark.parametrize("soft", [0.0, 0.1])
+def test_torsion_jet_torch_against_torch_func(soft):
+    # the plain-torch torsion jet: values of the model's own formula, torch.func derivatives
+    from openmm_diffenergy.models.molecule import _torsion_cos_sin
+    p, quads, eps, _ = torsion_args()
+    value, jac, lap = ops.torsion_jet_torch(p, quads, eps, soft)
+    c, s = _torsion_cos_sin(p, quads, eps, soft)
+    torch.testing.assert_close(value, torch.stack([c, s], 1))
+    one = torch.arange(4)[None]
+
+    def cos_sin(q):
+        c, s = _torsion_cos_sin(q.reshape(1, 4, 3), one, eps, soft)
+        return torch.cat([c[0], s[0]])
+    local = p[:, quads].reshape(-1, 12)
+    want_jac = torch.func.vmap(torch.func.jacrev(cos_sin))(local)             # (B Q, 2, 12)
+    want_lap = torch.func.vmap(torch.func.hessian(cos_sin))(local).diagonal(
+        dim1=-2, dim2=-1).sum(-1)
+    B, Q = p.shape[0], quads.shape[0]
+    torch.testing.assert_close(jac, want_jac.reshape(B, Q, 2, 12).transpose(1, 2))
+    torch.testing.assert_close(lap, want_lap.reshape(B, Q, 2).transpose(1, 2))
+
+
 @needs_ops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("isa", ["auto", "default"])
@@ -214,6 +242,9 @@ def test_ops_equal_torch_rule(dtype, isa, monkeypatch):
     sargs = sparse_args(dtype)
     for got, want in zip(torch.ops.diffenergy.sparse_linear_silu_laplacian(*sargs),
                          ops.sparse_linear_silu_laplacian_torch(*sargs)):
+        torch.testing.assert_close(got, want, **tol)
+    targs = torsion_args(dtype)
+    for got, want in zip(torch.ops.diffenergy.torsion_jet(*targs), ops.torsion_jet_torch(*targs)):
         torch.testing.assert_close(got, want, **tol)
 
 
@@ -248,6 +279,7 @@ def test_opcheck(dtype):
                           layer_args(dtype))
     torch.library.opcheck(torch.ops.diffenergy.sparse_linear_silu_laplacian.default,
                           sparse_args(dtype))
+    torch.library.opcheck(torch.ops.diffenergy.torsion_jet.default, torsion_args(dtype))
 
 
 @needs_ops
@@ -268,6 +300,11 @@ def test_ops_check_their_inputs():
     args[2] = args[2].int()
     with pytest.raises(RuntimeError, match="int64"):
         torch.ops.diffenergy.sparse_linear_silu_laplacian(*args)
+    p, quads, eps, soft = torsion_args()
+    with pytest.raises(RuntimeError, match="quads entries"):
+        torch.ops.diffenergy.torsion_jet(p, quads + 6, eps, soft)
+    with pytest.raises(RuntimeError, match=r"shape \(B, N, 3\)"):
+        torch.ops.diffenergy.torsion_jet(p[..., :2], quads, eps, soft)
 
 
 @needs_ops
@@ -320,9 +357,9 @@ def test_fallback_warns_once_when_the_library_is_absent():
 @needs_ops
 def test_ops_cuda_equal_cpu():
     assert ops.cuda_available(), "the library was built without CUDA kernels"
-    for args in (layer_args(), sparse_args()):
-        op = (torch.ops.diffenergy.linear_silu_laplacian if len(args) == 5
-              else torch.ops.diffenergy.sparse_linear_silu_laplacian)
+    for op, args in ((torch.ops.diffenergy.linear_silu_laplacian, layer_args()),
+                     (torch.ops.diffenergy.sparse_linear_silu_laplacian, sparse_args()),
+                     (torch.ops.diffenergy.torsion_jet, torsion_args())):
         cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
         for got, want in zip(op(*cuda_args), op(*args)):
             assert got.is_cuda
