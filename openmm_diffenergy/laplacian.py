@@ -11,7 +11,9 @@ term ``L`` through the network:
   features have no spatial derivative;
 - each SiLU layer: the fused rule of :mod:`openmm_diffenergy.ops`;
 - the linear read-out, the ``1/sqrt(sigma^2 + 1e-4)`` output scale and the Gaussian
-  baseline ``|y_c|^2 / (2 v)``, whose Laplacian on ``R^{3N}`` is ``3 (N - 1) / v``.
+  baseline ``|y_c|^2 / (2 v)``, whose Laplacian on ``R^{3N}`` is ``3 (N - 1) / v``;
+- where the model has one, its fitted prior term (a cheap quadratic in distances and
+  signed volumes), by ``torch.func``, and signed volumes as network inputs (analytic).
 
 With the D unit vectors as directions this gives the energy, its gradient and the exact
 Laplacian; with K probe vectors it gives ``sum_k v_k^T Hess(E) v_k`` (Hutchinson).
@@ -55,6 +57,47 @@ def _distance_jet(p, pair_i, pair_j, eps, directions):
     return d, (w * u).sum(-1).transpose(0, 1), second
 
 
+def _volume_jet(p, centres, directions):
+    """Signed volumes ``((a - c) x (b - c)) . (e - c)``, rows ``(c, a, b, e)`` of ``centres``.
+
+    A volume is affine in each atom's position, so its Laplacian is 0; along a direction
+    ``w`` its second derivative is ``2 (det[da, db, e-c] + det[da, b-c, de] +
+    det[a-c, db, de])`` with ``da = w_a - w_c`` etc. Returns value (B, V), Jacobian
+    entries (B, V, 12) over the coordinates of (c, a, b, e) or derivatives along the
+    directions (B, K, V), and the second-order term (B, V).
+    """
+    c, a, b, e = (p[:, centres[:, m]] for m in range(4))
+    ac, bc, ec = a - c, b - c, e - c
+    n = torch.cross(ac, bc, dim=-1)
+    value = (n * ec).sum(-1)
+    ga, gb = torch.cross(bc, ec, dim=-1), torch.cross(ec, ac, dim=-1)
+    if directions is None:
+        return value, torch.cat([-(ga + gb + n), ga, gb, n], -1), torch.zeros_like(value)
+    wc, wa, wb, we = (directions[:, :, centres[:, m]] for m in range(4))   # (K, B, V, 3)
+    da, db, de = wa - wc, wb - wc, we - wc
+    first = (ga * da + gb * db + n * de).sum(-1)
+    second = 2 * ((torch.cross(da, db, dim=-1) * ec).sum(-1)
+                  + (torch.cross(da, bc.expand_as(da), dim=-1) * de).sum(-1)
+                  + (torch.cross(ac.expand_as(db), db, dim=-1) * de).sum(-1))
+    return value, first.transpose(0, 1), second.sum(0)
+
+
+def _autograd_jet(fn, y, t, directions):
+    """Value, gradient and Laplacian (or probe quadratic forms) of a cheap energy term.
+
+    By ``torch.func``: one Hessian-vector product per coordinate (or probe), vectorized.
+    Used for the small prior term of :class:`MoleculeEnergy`, whose features overlap the
+    network's only in part.
+    """
+    grad_fn = torch.func.grad(lambda yy: fn(yy, t).sum())
+    grad, hvp = torch.func.vjp(grad_fn, y)
+    if directions is None:
+        B, D = y.shape
+        directions = torch.eye(D, dtype=y.dtype, device=y.device)[:, None, :].expand(D, B, D)
+    hv = torch.func.vmap(hvp)(directions)[0]
+    return fn(y, t), grad, (hv * directions).sum((0, 2))
+
+
 def _feature_jet(model, p, t, directions):
     """Input features of ``model`` with their first and second derivatives.
 
@@ -81,6 +124,12 @@ def _feature_jet(model, p, t, directions):
             firsts.append(tfirst.permute(0, 3, 1, 2).reshape(B, -1, 2 * Q))
         values.append(tv.reshape(B, 2 * Q))             # all cos, then all sin
         seconds.append(tsecond.reshape(B, 2 * Q))
+    centres = model.prior.centre_atoms if getattr(model, "_has_volumes", False) else None
+    if centres is not None:
+        vv, vfirst, vsecond = _volume_jet(p, centres, directions)
+        values.append(vv)
+        firsts.append(vfirst)
+        seconds.append(vsecond)
     tt = t.to(p.dtype)[:, None]
     values += [tt, torch.sin(tt * model.frequencies), torch.cos(tt * model.frequencies)]
     n_time = 1 + 2 * model.frequencies.shape[0]
@@ -95,6 +144,10 @@ def _feature_jet(model, p, t, directions):
     if quads is not None:
         coords.append((3 * quads[:, :, None] + xyz).reshape(Q, 12).repeat(2, 1))
         feats.append((n_pairs + torch.arange(2 * Q, device=dev)).repeat_interleave(12))
+    if centres is not None:
+        start = n_pairs + (2 * Q if quads is not None else 0)
+        coords.append((3 * centres[:, :, None] + xyz).reshape(-1, 12))
+        feats.append((start + torch.arange(centres.shape[0], device=dev)).repeat_interleave(12))
     vals = torch.cat([f.reshape(B, -1) for f in firsts], 1)
     return h, (vals, torch.cat(feats), torch.cat([c.reshape(-1) for c in coords])), second
 
@@ -138,6 +191,10 @@ def forward_laplacian(model, y: torch.Tensor, t: torch.Tensor, directions=None):
         directions = directions.to(dt).reshape(directions.shape[0], B, -1, 3)
     h, first, second = _feature_jet(model, p, t, directions)
     lin = model.linears
+    if h.shape[1] != lin[0].in_features:
+        raise ValueError(f"no forward-Laplacian rule for this {type(model).__name__}: its "
+                         f"network takes {lin[0].in_features} features, the rule knows "
+                         f"{h.shape[1]}")
     if directions is None:
         h, J, L = ops.sparse_linear_silu_laplacian(h, *first, second, lin[0].weight,
                                                    lin[0].bias, D)
@@ -165,5 +222,11 @@ def forward_laplacian(model, y: torch.Tensor, t: torch.Tensor, directions=None):
         else:
             vc = directions - directions.mean(dim=2, keepdim=True)
             second = second + (vc * vc).sum((0, 2, 3)) / v
+        if getattr(model, "_has_prior", False):
+            flat = None if directions is None else directions.reshape(-1, B, D).to(y.dtype)
+            pe, pg, ps = _autograd_jet(model.prior, y, t, flat)
+            energy, second = energy + pe.to(dt), second + ps.to(dt)
+            if directions is None:
+                cols = cols + pg.to(dt)
     grad = cols.to(out_dtype) if directions is None else None
     return energy.to(out_dtype), grad, second.to(out_dtype)

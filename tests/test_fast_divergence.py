@@ -32,17 +32,31 @@ def _randomize(model, seed):
     return model
 
 
-def molecule(n=6, dtype=torch.float64, seed=0):
-    torsions = de.torsion_quadruples([(i, i + 1) for i in range(n - 1)] + [(1, n - 1)], n)
-    m = de.MoleculeEnergy(n, torsions=torsions, hidden=24, layers=3, n_frequencies=3, seed=seed)
+def molecule(n=6, dtype=torch.float64, seed=0, prior=False):
+    bonds = [(i, i + 1) for i in range(n - 1)] + [(1, n - 1)]      # atom 1 branches
+    torsions = de.torsion_quadruples(bonds, n)
+    config = None
+    if prior:   # a fitted-prior model: random but valid statistics tables
+        from openmm_diffenergy.models.prior import graph_features
+        pairs, centres = graph_features(bonds, n)
+        g = torch.Generator().manual_seed(seed)
+        shape = (4, len(pairs) + len(centres))
+        config = {"pairs": pairs, "centres": centres, "mean": torch.rand(shape, generator=g),
+                  "var": 0.5 + torch.rand(shape, generator=g)}
+    m = de.MoleculeEnergy(n, torsions=torsions, hidden=24, layers=3, n_frequencies=3, seed=seed,
+                          prior=config)
     return _randomize(m, seed).to(dtype)
+
+
+def molecule_prior(dtype=torch.float64, seed=0):
+    return molecule(dtype=dtype, seed=seed, prior=True)
 
 
 def distance_mlp(n=5, dtype=torch.float64, seed=0):
     return _randomize(de.DistanceMLPEnergy(n, hidden=20, layers=2, seed=seed), seed).to(dtype)
 
 
-MODELS = {"molecule": molecule, "distance_mlp": distance_mlp}
+MODELS = {"molecule": molecule, "molecule_prior": molecule_prior, "distance_mlp": distance_mlp}
 
 
 def batch(model, b=5, dtype=torch.float64, seed=1):
