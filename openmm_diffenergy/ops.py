@@ -22,8 +22,9 @@ wrappers run the same rule in plain torch and warn once. Set the environment var
 plain-torch version; ``DIFFENERGY_OPS_LIBRARY`` names a library file to load instead of
 the one next to this module.
 
-The operators are not differentiable (no autograd formula is registered): they serve
-divergence evaluation under ``torch.no_grad``.
+The compiled operators have no derivative: they serve divergence evaluation under
+``torch.no_grad``, and a backward pass through them raises instead of returning wrong
+gradients. Inside :func:`torch_fallback` everything is plain torch and differentiable.
 """
 from __future__ import annotations
 
@@ -328,7 +329,15 @@ def torsion_jet(p, quads, eps: float, soft: float):
     return torsion_jet_torch(p, quads, eps, soft)
 
 
+def _no_derivative(ctx, *grads):
+    raise RuntimeError("the diffenergy operators have no derivative; differentiate inside "
+                       "openmm_diffenergy.ops.torch_fallback() instead")
+
+
 if available():
+    for _name in ("linear_silu_laplacian", "sparse_linear_silu_laplacian", "torsion_jet"):
+        torch.library.register_autograd(f"diffenergy::{_name}", _no_derivative)
+
     @torch.library.register_fake("diffenergy::linear_silu_laplacian")
     def _linear_fake(h, J, L, W, b):
         torch._check(h.dim() == 2 and J.dim() == 3 and W.dim() == 2)

@@ -322,6 +322,21 @@ def test_ops_check_their_inputs():
 
 
 @needs_ops
+def test_ops_refuse_to_differentiate():
+    # no silent wrong gradients through the compiled path; the fallback differentiates
+    model = molecule()
+    y, t = batch(model)
+    _, div = de.FastDivergence()(de.score_fn(model), y, t)
+    assert div.requires_grad
+    with pytest.raises(RuntimeError, match="no derivative"):
+        div.sum().backward()
+    with ops.torch_fallback():
+        _, div = de.FastDivergence()(de.score_fn(model), y, t)
+        div.sum().backward()
+    assert model.linears[0].weight.grad is not None
+
+
+@needs_ops
 def test_ops_from_torchscript():
     @torch.jit.script
     def two_layers(h, vals, feat, coord, L, W0, b0, W1, b1, n_cols: int):
