@@ -21,7 +21,7 @@ import torch
 
 from ..coordinates import centre, subspace_noise
 
-__all__ = ["FeaturePrior", "graph_features"]
+__all__ = ["FeaturePrior", "graph_features", "signed_volumes"]
 
 
 def graph_features(bonds, n_atoms: int):
@@ -59,14 +59,22 @@ def graph_features(bonds, n_atoms: int):
     return sorted(pairs), centres
 
 
+def signed_volumes(p: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``((a - c) x (b - c)) . (e - c)`` for each row ``(c, a, b, e)`` of ``centres`` (V, 4).
+
+    ``p`` has shape (B, N, 3); returns (B, V). Odd under a mirror image.
+    """
+    c, a, b, e = (p[:, centres[:, m]] for m in range(4))
+    return (torch.cross(a - c, b - c, dim=-1) * (e - c)).sum(-1)
+
+
 def _features(p: torch.Tensor, pair_i, pair_j, centres, eps: float,
               has_centres: bool) -> torch.Tensor:
     """Distances and signed volumes of positions ``p`` (B, N, 3), shape (B, F)."""
     d = p[:, pair_i] - p[:, pair_j]
     feats = [torch.sqrt((d * d).sum(-1) + eps ** 2)]
     if has_centres:
-        c, a, b, e = (p[:, centres[:, m]] for m in range(4))
-        feats.append((torch.cross(a - c, b - c, dim=-1) * (e - c)).sum(-1))
+        feats.append(signed_volumes(p, centres))
     return torch.cat(feats, dim=-1)
 
 
@@ -174,6 +182,10 @@ class FeaturePrior(torch.nn.Module):
         p = y.reshape(y.shape[0], -1, 3)
         return _features(p, self.pair_i, self.pair_j, self.centre_atoms, self.eps,
                          len(self.centres) > 0)
+
+    def volumes(self, p: torch.Tensor) -> torch.Tensor:
+        """Signed volumes of positions ``p`` (B, N, 3) in model units, shape (B, V)."""
+        return signed_volumes(p, self.centre_atoms)
 
     def statistics(self, t: torch.Tensor):
         """Interpolated ``(mean, 1/var)`` at times ``t`` (B,), each (B, F)."""
