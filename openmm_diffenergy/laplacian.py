@@ -98,6 +98,52 @@ def _autograd_jet(fn, y, t, directions):
     return fn(y, t), grad, (hv * directions).sum((0, 2))
 
 
+def _prior_jet(prior, y, t, directions):
+    """The fitted prior ``E = alpha^2/2 sum_f w_f (phi_f - m_f)^2`` of MoleculeEnergy.
+
+    ``phi`` are its distances and signed volumes, ``w_f = g_f / v_f(t)``. Gradient
+    ``alpha^2 sum_f w_f r_f grad phi_f`` and Laplacian ``alpha^2 sum_f w_f (|grad phi_f|^2 +
+    r_f lap phi_f)`` with ``r = phi - m``, from the feature jets. Returns ``None`` when
+    the energy it gives differs from ``prior(y, t)`` (a prior this rule does not know);
+    the caller then takes the ``torch.func`` route.
+    """
+    dt = prior.mean.dtype
+    B, D = y.shape
+    p = y.to(dt).reshape(B, -1, 3)
+    if directions is not None:
+        directions = directions.to(dt).reshape(directions.shape[0], B, -1, 3)
+    phi, first, second = _distance_jet(p, prior.pair_i, prior.pair_j, prior.eps, directions)
+    phis, firsts, seconds = [phi], [first], [second]
+    n_pairs = phi.shape[1]
+    if len(prior.centres) > 0:
+        for part, value in zip((phis, firsts, seconds),
+                               _volume_jet(p, prior.centre_atoms, directions)):
+            part.append(value)
+    phi, second = torch.cat(phis, 1), torch.cat(seconds, 1)
+    tt = t.to(dt)
+    mean, inv_var = prior.statistics(tt)
+    w = inv_var * prior.log_gain.exp().to(dt) * prior.sde.alpha(tt)[:, None] ** 2
+    r = phi - mean
+    energy = 0.5 * (w * r * r).sum(-1)
+    if not torch.allclose(energy, prior(y, t).to(dt), rtol=1e-4, atol=1e-6):
+        return None
+    if directions is not None:
+        first = torch.cat(firsts, 2)                                     # (B, K, F)
+        return energy, None, (w * ((first * first).sum(1) + r * second)).sum(-1)
+    # exact: entries of grad phi on the coordinates of each feature's atoms
+    xyz = torch.arange(3, device=y.device)
+    coef = w * r
+    grad = y.new_zeros(B, D, dtype=dt)
+    idx = torch.cat([3 * prior.pair_i[:, None] + xyz, 3 * prior.pair_j[:, None] + xyz], 1)
+    grad.index_add_(1, idx.reshape(-1), (coef[:, :n_pairs, None] * firsts[0]).reshape(B, -1))
+    sq = [(firsts[0] * firsts[0]).sum(-1)]
+    if len(firsts) > 1:
+        vidx = (3 * prior.centre_atoms[:, :, None] + xyz).reshape(-1)
+        grad.index_add_(1, vidx, (coef[:, n_pairs:, None] * firsts[1]).reshape(B, -1))
+        sq.append((firsts[1] * firsts[1]).sum(-1))
+    return energy, grad, (w * (torch.cat(sq, 1) + r * second)).sum(-1)
+
+
 def _feature_jet(model, p, t, directions):
     """Input features of ``model`` with their first and second derivatives.
 
@@ -224,7 +270,8 @@ def forward_laplacian(model, y: torch.Tensor, t: torch.Tensor, directions=None):
             second = second + (vc * vc).sum((0, 2, 3)) / v
         if getattr(model, "_has_prior", False):
             flat = None if directions is None else directions.reshape(-1, B, D).to(y.dtype)
-            pe, pg, ps = _autograd_jet(model.prior, y, t, flat)
+            jet = _prior_jet(model.prior, y, t, flat)
+            pe, pg, ps = jet if jet is not None else _autograd_jet(model.prior, y, t, flat)
             energy, second = energy + pe.to(dt), second + ps.to(dt)
             if directions is None:
                 cols = cols + pg.to(dt)
