@@ -818,8 +818,14 @@ def _profiles(x, log_w, cvs, topology, temperature, bins, ranges, n_bootstrap, b
 
 
 def _finish(x, proposal, kind, system, temperature, topology, cvs, bins, ranges, n_bootstrap,
-            block_size, seed, platform, progress, info):
+            block_size, seed, platform, progress, info, condition):
     u = reduced_energies(system, x, temperature, platform, progress)
+    if condition is not None:
+        inside = np.asarray(condition(x), dtype=bool).reshape(-1)
+        if inside.shape != u.shape:
+            raise ValueError(f"condition returned {inside.size} values for {u.size} samples")
+        u = np.where(inside, u, np.inf)
+        info["condition_fraction"] = float(inside.mean())
     if kind == "iid":
         log_w = log_importance_weights(log_q=-proposal, reduced_target_energy=u)
     else:
@@ -836,7 +842,8 @@ def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
                  topology=None, cvs=None, bins: int = 36, ranges=None, n_bootstrap: int = 100,
                  solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
                  steps: int = 200, divergence="exact", batch_size: int = 32, seed: int = 0,
-                 platform: str = "Reference", progress: bool = True) -> ReweightingResult:
+                 platform: str = "Reference", condition=None,
+                 progress: bool = True) -> ReweightingResult:
     """Draw i.i.d. samples from the model and reweight them to ``exp(-u/kT)``.
 
     Samples and their exact ``log q`` come from :func:`sample_with_likelihood`; the
@@ -865,11 +872,16 @@ def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
         Sampler settings (see :func:`sample_with_likelihood`).
     platform : str
         OpenMM platform for the classical energies.
+    condition : callable, optional
+        ``condition(x) -> bool array (n,)``: restricts the target to a region (zero
+        density outside). Amber energies are mirror-symmetric, so to compare with MD
+        that stays in one enantiomer, restrict to it (e.g. L-chirality).
     progress : bool
 
     Returns
     -------
     ReweightingResult
+        ``info["condition_fraction"]``: the fraction of samples inside ``condition``.
     """
     temperature = _default_temperature(model, temperature)
     _check_model_system(model, system)
@@ -885,7 +897,7 @@ def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
     info = {"kind": "iid", "n_requested": int(n), "n_dropped": int((~ok).sum()),
             "sampler": res.method, "sample_seconds": res.method["seconds"]}
     out = _finish(x[ok], nll[ok], "iid", system, temperature, topology, cvs, bins, ranges,
-                  n_bootstrap, 1, seed, platform, progress, info)
+                  n_bootstrap, 1, seed, platform, progress, info, condition)
     out.info["seconds"] = time.perf_counter() - start
     return out
 
@@ -895,7 +907,7 @@ def reweight_md(model, system: openmm.System, positions=None, frames=None, tempe
                 n_bootstrap: int = 100, block_size: int = 10, n_frames: int = 100,
                 save_interval=1.0, timestep=0.001, friction=1.0, equilibration=0.0,
                 n_replicas: int = 1, platform: str = "Reference", backend: str = "torchforce",
-                seed: int = 0, progress: bool = True) -> ReweightingResult:
+                seed: int = 0, condition=None, progress: bool = True) -> ReweightingResult:
     """Reweight frames of learned-force MD to ``exp(-u/kT)``: ``log w = -u/kT + E_theta``.
 
     MD with the learned force samples ``exp(-E_theta(x, t_min))`` whatever its
@@ -920,6 +932,8 @@ def reweight_md(model, system: openmm.System, positions=None, frames=None, tempe
     n_frames, save_interval, timestep, friction, equilibration, n_replicas, backend, seed
         MD settings (see :func:`run_learned_md`).
     platform : str
+    condition : callable, optional
+        Restricts the target to a region (see :func:`reweight_iid`).
     progress : bool
 
     Returns
@@ -951,7 +965,7 @@ def reweight_md(model, system: openmm.System, positions=None, frames=None, tempe
     info["n_dropped"] = info["n_requested"] - int(len(x))
     energy = model_energies(model, x)
     out = _finish(x, energy, "md", system, temperature, topology, cvs, bins, ranges,
-                  n_bootstrap, block_size, seed, platform, progress, info)
+                  n_bootstrap, block_size, seed, platform, progress, info, condition)
     out.info["seconds"] = time.perf_counter() - start
     return out
 
@@ -973,7 +987,9 @@ class FreeEnergyDifference:
         Samples per state used (after subsampling).
     kt_kj_per_mol : float
     info : dict
-        Statistical inefficiencies, failures, timings.
+        Statistical inefficiencies, ``neighbour_overlap`` (MBAR overlap matrix entries
+        ``O[k, k+1]``; near 0 means the estimate and its error bar are not to be
+        trusted), failures, timings.
     """
 
     delta_f_kt: float
@@ -1077,6 +1093,8 @@ def free_energy_from_energies(energy_a, energy_b, state, lambdas,
         mbar = pymbar.MBAR(u_kn, n_k)
         r = mbar.compute_free_energy_differences(compute_uncertainty=True)
         mb_f, mb_err = float(r["Delta_f"][0, -1]), float(r["dDelta_f"][0, -1])
+        overlap = np.asarray(mbar.compute_overlap()["matrix"])
+        info["neighbour_overlap"] = [float(overlap[k, k + 1]) for k in range(lam.size - 1)]
     except Exception as err:
         mb_f = mb_err = float("nan")
         info["mbar_error"] = f"{type(err).__name__}: {err}"

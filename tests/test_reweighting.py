@@ -264,6 +264,12 @@ def test_reweight_md_with_exact_frames_matches_target():
     assert res.ess == pytest.approx(exact_ess(math.sqrt(2 * V_MODEL),
                                               math.sqrt(KT / K_BOND), 3), abs=0.05)
     check_target_profile(res, tol=0.08)
+    # a condition restricts the target: only pairs closer than 0.04 nm keep weight
+    cut = de.reweight_md(gm, pair_system(), frames=frames, cvs={"d": distance},
+                         condition=lambda x: distance(x) < 0.04, n_bootstrap=0,
+                         progress=False)
+    assert cut.weights[res.cvs["d"] >= 0.04].sum() == 0.0
+    assert cut.info["condition_fraction"] == pytest.approx((res.cvs["d"] < 0.04).mean())
 
 
 def test_learned_md_runs_and_reweights():
@@ -341,6 +347,7 @@ def test_bar_mbar_on_exact_gaussian_energies():
     assert abs(res.delta_f_kt - exact) < 4 * res.error_kt
     assert abs(res.delta_f_bar_kt - exact) < 4 * res.error_bar_kt
     assert res.delta_f_kj_per_mol == pytest.approx(res.delta_f_kt * KT)
+    assert min(res.info["neighbour_overlap"]) > 0.05       # neighbouring states overlap
     with pytest.raises(ValueError, match="lambdas"):
         de.free_energy_from_energies([0.0], [0.0], [0], [0.0, 0.5])
     with pytest.raises(ValueError, match="same shape"):
@@ -392,3 +399,25 @@ def test_lambda_free_energy_errors():
     with pytest.raises(ValueError, match="lambdas"):
         de.lambda_free_energy(external_harmonic(2, 1.0), external_harmonic(2, 1.0),
                               np.zeros((2, 3)), lambdas=[0.0, 0.7])
+
+
+@pytest.mark.slow
+def test_reweighting_benchmark_quick(tmp_path):
+    """The benchmark runs end to end at tiny sizes and writes every key the README quotes."""
+    import json
+
+    from _helpers import load
+
+    bench = load("benchmarks/ala2_reweighting.py")
+    bench.main(["--quick", "--out", str(tmp_path / "r.json"), "--plots", str(tmp_path / "p")])
+    with open(tmp_path / "r.json") as fh:
+        data = json.load(fh)
+    for key in ("ess_iid", "ess_md", "phi_fe_rmse_kt_iid", "phi_fe_rmse_kt_md",
+                "spearman_learned_vs_classical", "slope_learned_vs_classical_kt",
+                "delta_f_bar_kt", "delta_f_bar_kt_uncertainty", "n_iid", "n_md", "n_compare",
+                "hardware", "gates"):
+        assert key in data, key
+    assert set(data["gates"]) == {"ess_iid_ge_0.01", "phi_fe_rmse_kt_iid_le_0.5",
+                                  "phi_fe_rmse_kt_md_le_0.5",
+                                  "spearman_learned_vs_classical_ge_0.8"}
+    assert len(list((tmp_path / "p").glob("*.png"))) == 4

@@ -1,0 +1,301 @@
+"""Boltzmann reweighting of the all-atom alanine-dipeptide model to amber14 (vacuum, 300 K).
+
+Target: the System the reference data were made with (``alanine_system(top, "vacuum",
+constraints=None)``, scripts/generate_ala2_data.py), at the reference temperature.
+Amber energies are mirror-symmetric while the reference MD stays L, so the target is
+amber restricted to L-chirality (D samples get zero weight; their fraction is reported).
+
+1. i.i.d.: ``--n-iid`` samples from the model with their exact flow-ODE ``log q``
+   (adaptive dopri5, rtol = atol = 1e-5, exact divergence by forward-Laplacian
+   propagation, ``--divergence fast``), ``log w = -u/kT - log q``.
+2. MD: ``--md-replicas`` Langevin runs (1 fs, 1/ps) with the learned force alone,
+   started from reference frames, ``--md-ns`` each; ``log w = -u/kT + E_theta(x, t_min)``.
+   A replica that blows up is stopped and its frames so far are kept.
+3. phi free-energy profiles: 36 bins of 10 degrees on (-pi, pi]; RMSE (kT) against the
+   reference MD over bins with >= 1% reference population, both profiles aligned by
+   their reference-population-weighted mean over those bins. Bins where the reweighted
+   samples have no weight at all are counted (``*_missing_bins``) and fail the gate.
+4. Energy comparison on ``--n-compare`` reference frames plus as many decoys (the
+   amber-minimized structure with Gaussian noise of 0.002-0.02 nm per coordinate):
+   Spearman/Pearson and the OLS slope of E_theta(x, t_min) (kT) regressed on u/kT; the flow-ODE -log p0 on a
+   subset (``--n-nll``); heavy-atom RMSD to the amber-minimized structure; decoy ranking.
+5. Delta F = F_amber - F_learned (kT) by BAR and MBAR over ``--lambdas`` linearly mixed
+   states, each simulated ``--bar-ps`` after 1 ps of equilibration.
+
+Writes benchmarks/results/ala2_reweighting.json and PNG plots in
+benchmarks/results/ala2_reweighting/.
+
+Usage::
+
+    python benchmarks/ala2_reweighting.py [--model models/ala2_aa.pt] [--quick]
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import hardware, write_json  # noqa: E402
+
+import openmm  # noqa: E402
+from openmm import unit  # noqa: E402
+
+import openmm_diffenergy as de  # noqa: E402
+from openmm_diffenergy import plots  # noqa: E402
+from openmm_diffenergy.ala2 import load_reference  # noqa: E402
+from openmm_diffenergy.alanine import alanine_system, build_alanine_dipeptide, is_l_chiral  # noqa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BINS = 36                       # 10-degree phi bins
+MIN_POPULATION = 0.01
+
+
+def clean(obj):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def minimized_structure(system):
+    _, pos = build_alanine_dipeptide()
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(pos)
+    openmm.LocalEnergyMinimizer.minimize(ctx)
+    return ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(
+        unit.nanometer)
+
+
+def profile_summary(res, ref_profile, label):
+    if res is None:
+        return {f"phi_fe_rmse_kt_{label}": float("nan"), f"ess_{label}": float("nan")}
+    r = de.profile_rmse(res.profiles["phi"], ref_profile, MIN_POPULATION)
+    return {f"ess_{label}": res.ess, f"ess_{label}_samples": res.ess * len(res.x),
+            f"ess_{label}_floor": 1.0 / len(res.x),     # Kish ESS of one dominant weight
+            f"phi_fe_rmse_kt_{label}": r["rmse_kt"], f"phi_fe_max_abs_kt_{label}": r["max_abs_kt"],
+            f"phi_fe_bins_{label}": r["n_bins"], f"phi_fe_missing_bins_{label}": r["n_missing"],
+            f"phi_fe_rmse_kt_{label}_unweighted": de.profile_rmse(
+                res.proposal_profiles["phi"], ref_profile, MIN_POPULATION)["rmse_kt"],
+            f"l_chiral_fraction_{label}": res.info.get("condition_fraction")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "ala2_aa.pt"))
+    ap.add_argument("--data", default=os.path.join(ROOT, "data", "ala2_vacuum.npz"))
+    ap.add_argument("--n-iid", type=int, default=512, help="i.i.d. samples")
+    ap.add_argument("--divergence", default="fast",
+                    help="exact divergence for log q: 'fast' (forward Laplacian, exact, ~19x "
+                         "faster on MoleculeEnergy) or 'exact' (autograd rows)")
+    ap.add_argument("--iid-batch", type=int, default=32)
+    ap.add_argument("--rtol", type=float, default=1e-5, help="dopri5 rtol = atol")
+    ap.add_argument("--md-replicas", type=int, default=4)
+    ap.add_argument("--md-ns", type=float, default=0.02, help="learned MD per replica, ns")
+    ap.add_argument("--md-save-ps", type=float, default=0.1)
+    ap.add_argument("--n-compare", type=int, default=200,
+                    help="reference frames (and as many decoys) for the energy comparison")
+    ap.add_argument("--n-nll", type=int, default=64, help="structures for the ODE -log p0")
+    ap.add_argument("--lambdas", type=int, default=6)
+    ap.add_argument("--bar-ps", type=float, default=5.0, help="production per lambda state")
+    ap.add_argument("--bar-save-ps", type=float, default=0.05)
+    ap.add_argument("--n-bootstrap", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "ala2_reweighting.json"))
+    ap.add_argument("--plots", default=os.path.join(HERE, "results", "ala2_reweighting"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n_iid, args.iid_batch, args.md_replicas, args.md_ns = 8, 8, 2, 0.002
+        args.n_compare, args.n_nll, args.lambdas, args.bar_ps = 20, 4, 3, 0.2
+        args.n_bootstrap = 10
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    ref = load_reference(args.data)
+    temperature = float(ref.settings.get("temperature", 300.0))
+    top = ref.topology.to_openmm()
+    system = alanine_system(top, ref.settings.get("solvent", "vacuum"), constraints=None)
+    model = de.load_model(args.model, n_particles=system.getNumParticles())
+    l_chiral = lambda x: is_l_chiral(top, x)  # noqa: E731
+    ref_phi = de.collective_variable(ref.xyz, "phi", top)
+    ref_psi = de.collective_variable(ref.xyz, "psi", top)
+    ref_profile = de.free_energy_profile(ref_phi, bins=BINS, range=(-np.pi, np.pi),
+                                         temperature=temperature, n_bootstrap=args.n_bootstrap,
+                                         block_size=50, seed=args.seed)
+    out = {"benchmark": "ala2_reweighting", "quick": args.quick, "hardware": hardware(),
+           "model": os.path.relpath(os.path.abspath(args.model), ROOT),
+           "model_t_min": model.t_min, "temperature_K": temperature,
+           "target": "amber14-all vacuum, no constraints, NoCutoff, restricted to L-chirality",
+           "reference_frames": int(len(ref.xyz)), "phi_bins": BINS,
+           "phi_rmse_population_cutoff": MIN_POPULATION,
+           "phi_rmse_alignment": "reference-population-weighted mean over compared bins",
+           "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plots")}}
+    timings = {}
+
+    # 1. i.i.d. reweighting -----------------------------------------------------------
+    t0 = time.perf_counter()
+    iid = None
+    try:
+        iid = de.reweight_iid(model, system, n=args.n_iid, temperature=temperature,
+                              topology=top, bins=BINS, n_bootstrap=args.n_bootstrap,
+                              rtol=args.rtol, atol=args.rtol, batch_size=args.iid_batch,
+                              divergence=args.divergence,
+                              seed=args.seed, condition=l_chiral, progress=True)
+        out["n_iid"] = len(iid.x)
+        out["n_iid_dropped"] = iid.info["n_dropped"]
+        out["iid_sampler_nfe"] = iid.info["sampler"]["nfe"]
+    except ValueError as err:
+        out["iid_error"] = str(err)
+        out["n_iid"] = 0
+    out.update(profile_summary(iid, ref_profile, "iid"))
+    timings["iid_seconds"] = time.perf_counter() - t0
+    print(f"iid: ESS {out['ess_iid']}, phi RMSE {out['phi_fe_rmse_kt_iid']} kT "
+          f"({timings['iid_seconds']:.0f} s)", flush=True)
+
+    # 2. MD reweighting -----------------------------------------------------------------
+    t0 = time.perf_counter()
+    md = None
+    n_frames = max(1, int(round(args.md_ns * 1000 / args.md_save_ps)))
+    starts = ref.xyz[rng.choice(len(ref.xyz), args.md_replicas, replace=False)]
+    try:
+        md = de.reweight_md(model, system, positions=starts, temperature=temperature,
+                            topology=top, bins=BINS, n_bootstrap=args.n_bootstrap,
+                            block_size=10, n_frames=n_frames, save_interval=args.md_save_ps,
+                            timestep=0.001, n_replicas=args.md_replicas, seed=args.seed,
+                            condition=l_chiral, progress=True)
+        out["n_md"] = len(md.x)
+        out["md_replicas"] = md.info["replicas"]
+        bonds = np.array([(b[0].index, b[1].index) for b in ref.topology.bonds])
+        ref_len = np.linalg.norm(ref.xyz[:, bonds[:, 0]] - ref.xyz[:, bonds[:, 1]], axis=-1)
+        md_len = np.linalg.norm(md.x[:, bonds[:, 0]] - md.x[:, bonds[:, 1]], axis=-1)
+        ratio = md_len / ref_len.mean(0)
+        out["md_intact_fraction"] = float(((ratio > 0.8) & (ratio < 1.25)).all(1).mean())
+    except ValueError as err:
+        out["md_error"] = str(err)
+        out["n_md"] = 0
+    out["n_md_requested"] = n_frames * args.md_replicas
+    out["md_ns_per_replica"] = args.md_ns
+    out.update(profile_summary(md, ref_profile, "md"))
+    timings["md_seconds"] = time.perf_counter() - t0
+    print(f"md: ESS {out['ess_md']}, phi RMSE {out['phi_fe_rmse_kt_md']} kT, "
+          f"{out['n_md']} frames ({timings['md_seconds']:.0f} s)", flush=True)
+
+    # 3. energy comparison ------------------------------------------------------------
+    t0 = time.perf_counter()
+    native = minimized_structure(system)
+    heavy = [a.index for a in ref.topology.atoms if a.element.symbol != "H"]
+    eq = ref.xyz[rng.choice(len(ref.xyz), args.n_compare, replace=False)].astype(np.float64)
+    sigma = rng.uniform(0.002, 0.02, args.n_compare)[:, None, None]
+    decoys = native[None] + sigma * rng.normal(size=eq.shape)
+    structures = np.concatenate([eq, decoys])
+    cmp_all = de.compare_energies(model, system, structures, temperature, reference=native,
+                                  atom_indices=heavy)
+    cmp_eq = de.compare_energies(model, system, eq, temperature)
+    pick = np.concatenate([np.arange(args.n_nll // 2),
+                           args.n_compare + np.arange(args.n_nll - args.n_nll // 2)])
+    cmp_nll = de.compare_energies(model, system, structures[pick], temperature,
+                                  reference=native, atom_indices=heavy, nll=True,
+                                  nll_options={"rtol": args.rtol, "atol": args.rtol,
+                                               "divergence": args.divergence,
+                                               "progress": True})
+    lc = cmp_all.learned_vs_classical
+    out.update({"spearman_learned_vs_classical": lc["spearman"],
+                "pearson_learned_vs_classical": lc["pearson"],
+                "slope_learned_vs_classical_kt": lc["slope"],
+                "slope_learned_vs_classical_kt_stderr": lc["slope_stderr"],
+                "slope_regression": "E_theta(x, t_min) [kT] regressed on u/kT (OLS)",
+                "n_compare": int(len(structures)), "n_compare_equilibrium": int(len(eq)),
+                "spearman_learned_vs_classical_equilibrium":
+                    cmp_eq.learned_vs_classical["spearman"],
+                "slope_learned_vs_classical_kt_equilibrium":
+                    cmp_eq.learned_vs_classical["slope"],
+                "n_nll": int(len(pick)),
+                "spearman_nll_vs_classical": cmp_nll.nll_vs_classical["spearman"],
+                "slope_nll_vs_classical_kt": cmp_nll.nll_vs_classical["slope"],
+                "spearman_learned_vs_classical_nll_subset":
+                    cmp_nll.learned_vs_classical["spearman"],
+                "decoy_ranking_learned": cmp_all.ranking["learned"],
+                "decoy_ranking_classical": cmp_all.ranking["classical"],
+                "decoy_ranking_nll_subset": cmp_nll.ranking.get("nll")})
+    timings["compare_seconds"] = time.perf_counter() - t0
+    print(f"compare: Spearman {lc['spearman']:.3f}, slope {lc['slope']:.3f} kT/kT "
+          f"({timings['compare_seconds']:.0f} s)", flush=True)
+
+    # 4. BAR / MBAR learned -> amber --------------------------------------------------
+    t0 = time.perf_counter()
+    n_bar = max(2, int(round(args.bar_ps / args.bar_save_ps)))
+    try:
+        dfe = de.lambda_free_energy(model, system, ref.xyz[0],
+                                    lambdas=np.linspace(0, 1, args.lambdas),
+                                    temperature=temperature, n_frames=n_bar,
+                                    save_interval=args.bar_save_ps, timestep=0.001,
+                                    equilibration=1.0, seed=args.seed, progress=True)
+        out.update({"delta_f_bar_kt": dfe.delta_f_bar_kt,
+                    "delta_f_bar_kt_uncertainty": dfe.error_bar_kt,
+                    "delta_f_mbar_kt": dfe.delta_f_kt,
+                    "delta_f_mbar_kt_uncertainty": dfe.error_kt,
+                    "delta_f_definition": "F_amber - F_learned = -ln(Z_amber / Z_learned), "
+                                          "Z_learned = int exp(-E_theta(x/s, t_min)) dx",
+                    "bar_min_neighbour_overlap": min(dfe.info.get("neighbour_overlap",
+                                                                  [float("nan")])),
+                    "bar_n_k": dfe.n_k.tolist(), "bar_states": dfe.info["states"],
+                    "bar_frames_per_state": n_bar,
+                    "bar_errors": {k: v for k, v in dfe.info.items() if k.endswith("_error")}})
+    except ValueError as err:
+        out.update({"delta_f_bar_kt": float("nan"), "delta_f_bar_kt_uncertainty": float("nan"),
+                    "bar_error": str(err)})
+    timings["bar_seconds"] = time.perf_counter() - t0
+    print(f"BAR: dF {out['delta_f_bar_kt']} +- {out['delta_f_bar_kt_uncertainty']} kT "
+          f"({timings['bar_seconds']:.0f} s)", flush=True)
+
+    # 5. plots ------------------------------------------------------------------------
+    os.makedirs(args.plots, exist_ok=True)
+    profs = {"reference MD": ref_profile}
+    rama = {"reference MD": (ref_phi, ref_psi)}
+    for label, res in (("i.i.d.", iid), ("learned MD", md)):
+        if res is not None:
+            profs[f"{label} reweighted"] = res.profiles["phi"]
+            profs[f"{label} unweighted"] = res.proposal_profiles["phi"]
+            rama[f"{label} reweighted"] = (res.cvs["phi"], res.cvs["psi"], res.weights)
+    plots.plot_free_energy_profiles(profs, os.path.join(args.plots, "phi_profiles.png"),
+                                    xlabel="phi (rad)", title="alanine dipeptide, 300 K")
+    plots.plot_ramachandran(rama, os.path.join(args.plots, "ramachandran.png"))
+    plots.plot_energy_scatter(cmp_all.reduced_classical, cmp_all.learned_kt,
+                              os.path.join(args.plots, "energy_scatter.png"), fit=lc)
+    plots.plot_funnel(cmp_all.rmsd_nm, {"learned E_theta": cmp_all.learned_kt,
+                                        "amber u/kT": cmp_all.reduced_classical},
+                      os.path.join(args.plots, "funnel.png"))
+
+    gates = {"ess_iid_ge_0.01": bool(out["ess_iid"] >= 0.01),
+             "phi_fe_rmse_kt_iid_le_0.5": bool(out["phi_fe_rmse_kt_iid"] <= 0.5
+                                               and out.get("phi_fe_missing_bins_iid", 1) == 0),
+             "phi_fe_rmse_kt_md_le_0.5": bool(out["phi_fe_rmse_kt_md"] <= 0.5
+                                              and out.get("phi_fe_missing_bins_md", 1) == 0),
+             "spearman_learned_vs_classical_ge_0.8":
+                 bool(out["spearman_learned_vs_classical"] >= 0.8)}
+    timings["total_seconds"] = time.perf_counter() - t_start
+    out["gates"] = gates
+    out["timings"] = timings
+    print("gates:", ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in gates.items()))
+    write_json(args.out, clean(out))
+    print(f"wrote {args.out} ({timings['total_seconds']:.0f} s)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
