@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Reference", "load_reference", "generate_reference", "selection", "CG_BACKBONE",
-           "phi_psi"]
+__all__ = ["Reference", "load_reference", "generate_reference", "selection", "particle_bonds",
+           "CG_BACKBONE", "phi_psi"]
 
 # the 5-bead coarse-grained backbone: C(ACE) N CA C N(NME)
 CG_BACKBONE = (("ACE", "C"), ("ALA", "N"), ("ALA", "CA"), ("ALA", "C"), ("NME", "N"))
@@ -186,6 +186,21 @@ def _find(top, resname, name):
         if a.residue.name == resname and a.name == name:
             return a.index
     raise ValueError(f"no atom {resname}:{name}")
+
+
+def particle_bonds(topology, indices) -> list:
+    """Bonds of ``topology`` between selected atoms, as pairs of positions in ``indices``.
+
+    Parameters
+    ----------
+    topology : mdtraj.Topology
+    indices : sequence of int
+        Selected atom indices (the model's particles, in order).
+    """
+    where = {int(a): k for k, a in enumerate(indices)}
+    pairs = {(where[b[0].index], where[b[1].index]) for b in topology.bonds
+             if b[0].index in where and b[1].index in where}
+    return sorted((min(p), max(p)) for p in pairs)
 
 
 def selection(topology, kind: str):

@@ -747,6 +747,10 @@ def add_model_arguments(p) -> None:
     p.add_argument("--layers", type=positive_int, default=3, help="hidden layers")
     p.add_argument("--t-min", type=nonnegative_float, default=1e-3,
                    help="diffusion time at which the exported force reads the energy")
+    p.add_argument("--prior", choices=["fit", "none"], default="fit",
+                   help="fit: add a harmonic prior on bond and 1-3 distances and signed volumes, "
+                        "measured on the diffused training data (holds bonds and chirality); "
+                        "none: the network and a Gaussian baseline only")
 
 
 def add_train_config_arguments(p) -> None:
@@ -842,6 +846,8 @@ def _train_run(args) -> int:
     from openmm import app, unit
 
     from .models import MoleculeEnergy, torsion_quadruples
+    from .models.prior import fit_prior
+    from .sde import VPSDE
     from .training import train_and_save
 
     _set_threads(args.threads)
@@ -851,13 +857,17 @@ def _train_run(args) -> int:
     if n < 2:
         raise ValueError(f"the mapping {args.mapping!r} selects {n} particle; a model needs "
                          "at least 2")
-    torsions = torsion_quadruples(_particle_bonds(cg, traj.topology), n) \
-        if args.torsions == "auto" else []
+    bonds = _particle_bonds(cg, traj.topology)
+    torsions = torsion_quadruples(bonds, n) if args.torsions == "auto" else []
     ckpt = args.out + ".ckpt"
     if args.fresh and os.path.exists(ckpt):
         os.remove(ckpt)
+    prior = None
+    if args.prior == "fit" and bonds:
+        prior = fit_prior(data.positions, bonds, data.length_scale, VPSDE(), seed=args.seed)
     model = MoleculeEnergy(n, torsions, hidden=args.hidden, layers=args.layers,
-                           length_scale=data.length_scale, t_min=args.t_min, seed=args.seed)
+                           length_scale=data.length_scale, t_min=args.t_min, seed=args.seed,
+                           prior=prior)
     config = train_config(args, t_eps=args.t_eps, ema_decay=args.ema_decay,
                           checkpoint_every=args.checkpoint_every)
     pdb = io.StringIO()

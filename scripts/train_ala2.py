@@ -20,7 +20,8 @@ import openmm_diffenergy as de  # noqa: E402
 from openmm_diffenergy.cli import (add_model_arguments, add_train_config_arguments,  # noqa: E402
                                    train_config)
 from openmm_diffenergy.training import train_and_save  # noqa: E402
-from openmm_diffenergy.ala2 import load_reference, selection  # noqa: E402
+from openmm_diffenergy.ala2 import load_reference, particle_bonds, selection  # noqa: E402
+from openmm_diffenergy.models.prior import fit_prior  # noqa: E402
 
 
 def main(argv=None):
@@ -41,8 +42,13 @@ def main(argv=None):
     xyz = torch.tensor(ref.xyz[:, sel], dtype=torch.float32)
     yc = xyz - xyz.mean(1, keepdim=True)
     length_scale = float(yc.pow(2).mean().sqrt())
+    prior = None
+    if args.prior == "fit":
+        prior = fit_prior(xyz, particle_bonds(ref.topology, sel), length_scale, de.VPSDE(),
+                          seed=args.seed)
     model = de.MoleculeEnergy(len(sel), torsions, hidden=args.hidden, layers=args.layers,
-                              length_scale=length_scale, t_min=args.t_min, seed=args.seed)
+                              length_scale=length_scale, t_min=args.t_min, seed=args.seed,
+                              prior=prior)
     config = train_config(args)
     masses = [float(ref.masses[i]) for i in sel]
     header = [f"command: {command}",

@@ -105,3 +105,19 @@ def test_molecule_energy_with_a_prior_saves_loads_and_exports(tmp_path, gen):
     e = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     kt = de.kt_kj_per_mol(300 * unit.kelvin)
     assert e == pytest.approx(kt * float(back.energy(x[:1], back.t_min)), rel=1e-5)
+
+
+def test_fit_prior_from_positions_in_nm(gen):
+    from openmm_diffenergy.models.prior import fit_prior
+
+    x = (TETRA * 0.1 + 0.003 * torch.randn(50, 6, 3, generator=gen, dtype=torch.float64)) + 2.0
+    cfg = fit_prior(x, BONDS, 0.1, de.VPSDE(), n_grid=3, n_samples=64)
+    assert len(cfg["pairs"]) == 12 and len(cfg["centres"]) == 1
+    assert torch.tensor(cfg["mean"]).shape == (3, 13)
+    # t = 0: the mean bond 0-1 length in model units (nm / 0.1), translation removed
+    bond = (x[:, 0] - x[:, 1]).norm(dim=-1).mean() / 0.1
+    assert cfg["mean"][0][cfg["pairs"].index([0, 1])] == pytest.approx(float(bond), rel=0.02)
+    with pytest.raises(ValueError, match="at least one bond"):
+        fit_prior(x, [], 0.1, de.VPSDE())
+    with pytest.raises(ValueError, match=r"\(F, N, 3\)"):
+        fit_prior(x[0], BONDS, 0.1, de.VPSDE())

@@ -21,7 +21,7 @@ import torch
 
 from ..coordinates import centre, subspace_noise
 
-__all__ = ["FeaturePrior", "graph_features", "signed_volumes"]
+__all__ = ["FeaturePrior", "fit_prior", "graph_features", "signed_volumes"]
 
 
 def graph_features(bonds, n_atoms: int):
@@ -204,3 +204,36 @@ class FeaturePrior(torch.nn.Module):
         mean, inv_var = self.statistics(tt)
         w = inv_var * self.log_gain.exp().to(tt.dtype)
         return 0.5 * self.sde.alpha(tt) ** 2 * ((f - mean) ** 2 * w).sum(-1)
+
+
+def fit_prior(positions, bonds, length_scale: float, sde, n_grid: int = 48,
+              n_samples: int = 4096, seed: int = 0) -> dict:
+    """Fit a :class:`FeaturePrior` to training positions; returns its ``config()``.
+
+    Parameters
+    ----------
+    positions : array-like, shape (F, N, 3)
+        Training configurations, nm.
+    bonds : iterable of (int, int)
+        Bond graph of the N particles (for coarse-grained beads: bonded beads).
+    length_scale : float
+        The model's length scale, nm.
+    sde : LinearSDE
+    n_grid, n_samples, seed
+        See :meth:`FeaturePrior.fit`.
+
+    Returns
+    -------
+    dict
+        Pass as ``MoleculeEnergy(..., prior=...)``.
+    """
+    x = torch.as_tensor(positions, dtype=torch.float64)
+    if x.dim() != 3 or x.shape[-1] != 3:
+        raise ValueError(f"positions must have shape (F, N, 3), got {tuple(x.shape)}")
+    n = x.shape[1]
+    pairs, centres = graph_features(bonds, n)
+    if not pairs:
+        raise ValueError("a prior needs at least one bond")
+    y0 = (x - x.mean(1, keepdim=True)).reshape(x.shape[0], -1) / float(length_scale)
+    return FeaturePrior.fit(y0, n, pairs, centres, sde, n_grid=n_grid, n_samples=n_samples,
+                            seed=seed).config()
