@@ -29,26 +29,16 @@ import openmm  # noqa: E402
 from openmm import unit  # noqa: E402
 
 import openmm_diffenergy as de  # noqa: E402
-from openmm_diffenergy.ala2 import load_reference, phi_psi  # noqa: E402
+from openmm_diffenergy.ala2 import load_reference, phi_psi, phi_psi_js  # noqa: E402
 from openmm_diffenergy.alanine import is_l_chiral  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-BINS = np.linspace(-np.pi, np.pi, 65)
 
 
 def js_divergence(a, b) -> float:
     """JS divergence (nats) between the 64 x 64 phi/psi histograms of two sample sets."""
-    p = np.histogram2d(a[:, 0], a[:, 1], bins=[BINS, BINS])[0].ravel()
-    q = np.histogram2d(b[:, 0], b[:, 1], bins=[BINS, BINS])[0].ravel()
-    p, q = p / p.sum(), q / q.sum()
-    m = 0.5 * (p + q)
-
-    def kl(x, y):
-        nz = x > 0
-        return float((x[nz] * np.log(x[nz] / y[nz])).sum())
-
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+    return phi_psi_js(a, b, bins=64)
 
 
 def bond_lengths(xyz, bonds):

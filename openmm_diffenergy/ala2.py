@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Reference", "load_reference", "generate_reference", "selection", "particle_bonds",
-           "CG_BACKBONE", "phi_psi"]
+           "CG_BACKBONE", "phi_psi", "phi_psi_js"]
 
 # the 5-bead coarse-grained backbone: C(ACE) N CA C N(NME)
 CG_BACKBONE = (("ACE", "C"), ("ALA", "N"), ("ALA", "CA"), ("ALA", "C"), ("NME", "N"))
@@ -242,3 +242,29 @@ def phi_psi(xyz, topology, kind: str = "aa") -> np.ndarray:
     quads = np.array([[0, 1, 2, 3], [1, 2, 3, 4]])
     traj = mdtraj.Trajectory(xyz, None)
     return mdtraj.compute_dihedrals(traj, quads, periodic=False)
+
+
+def phi_psi_js(a, b, bins: int = 64) -> float:
+    """Jensen-Shannon divergence (nats) between the phi/psi histograms of two sample sets.
+
+    Parameters
+    ----------
+    a, b : array-like, shape (n, 2)
+        (phi, psi) in radians.
+    bins : int
+        Bins per angle on (-pi, pi]; the benchmarks use 64 x 64.
+    """
+    edges = np.linspace(-np.pi, np.pi, bins + 1)
+    a, b = np.asarray(a).reshape(-1, 2), np.asarray(b).reshape(-1, 2)
+    if not (len(a) and len(b)):
+        raise ValueError("both sample sets need at least one (phi, psi) pair")
+    p = np.histogram2d(a[:, 0], a[:, 1], bins=[edges, edges])[0].ravel()
+    q = np.histogram2d(b[:, 0], b[:, 1], bins=[edges, edges])[0].ravel()
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(x, y):
+        nz = x > 0
+        return float((x[nz] * np.log(x[nz] / y[nz])).sum())
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)

@@ -1222,6 +1222,8 @@ for _command in (
 ):
     register(_command)
 
+from . import cli_analysis  # noqa: E402,F401  (registers demo, reweight and compare)
+
 
 if __name__ == "__main__":
     sys.exit(main())
