@@ -16,9 +16,10 @@ amber restricted to L-chirality (D samples get zero weight; their fraction is re
    their reference-population-weighted mean over those bins. Bins where the reweighted
    samples have no weight at all are counted (``*_missing_bins``) and fail the gate.
 4. Energy comparison on ``--n-compare`` reference frames plus as many decoys (the
-   amber-minimized structure with Gaussian noise of 0.002-0.02 nm per coordinate):
+   native structure with Gaussian noise of 0.002-0.02 nm per coordinate):
    Spearman/Pearson and the OLS slope of E_theta(x, t_min) (kT) regressed on u/kT; the flow-ODE -log p0 on a
-   subset (``--n-nll``); heavy-atom RMSD to the amber-minimized structure; decoy ranking.
+   subset (``--n-nll``); heavy-atom RMSD to the native structure (the reference frame
+   of lowest amber energy); decoy ranking.
 5. Delta F = F_amber - F_learned (kT) by BAR and MBAR over ``--lambdas`` linearly mixed
    states, each simulated ``--bar-ps`` after 1 ps of equilibration.
 
@@ -30,6 +31,7 @@ Usage::
     python benchmarks/ala2_reweighting.py [--model models/ala2_aa.pt] [--quick]
 """
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -41,13 +43,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import hardware, write_json  # noqa: E402
 
-import openmm  # noqa: E402
-from openmm import unit  # noqa: E402
 
 import openmm_diffenergy as de  # noqa: E402
 from openmm_diffenergy import plots  # noqa: E402
 from openmm_diffenergy.ala2 import load_reference  # noqa: E402
-from openmm_diffenergy.alanine import alanine_system, build_alanine_dipeptide, is_l_chiral  # noqa
+from openmm_diffenergy.alanine import alanine_system, is_l_chiral  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -70,14 +70,11 @@ def clean(obj):
     return obj
 
 
-def minimized_structure(system):
-    _, pos = build_alanine_dipeptide()
-    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("Reference"))
-    ctx.setPositions(pos)
-    openmm.LocalEnergyMinimizer.minimize(ctx)
-    return ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(
-        unit.nanometer)
+def native_structure(system, xyz):
+    """The reference frame of lowest amber energy (deterministic; LocalEnergyMinimizer
+    from the built structure ended in different minima from one call to the next)."""
+    energies = de.potential_energies(system, xyz)
+    return np.asarray(xyz[int(np.argmin(energies))], dtype=np.float64)
 
 
 def profile_summary(res, ref_profile, label):
@@ -86,6 +83,7 @@ def profile_summary(res, ref_profile, label):
     r = de.profile_rmse(res.profiles["phi"], ref_profile, MIN_POPULATION)
     return {f"ess_{label}": res.ess, f"ess_{label}_samples": res.ess * len(res.x),
             f"ess_{label}_floor": 1.0 / len(res.x),     # Kish ESS of one dominant weight
+            f"max_weight_{label}": float(res.weights.max()),
             f"phi_fe_rmse_kt_{label}": r["rmse_kt"], f"phi_fe_max_abs_kt_{label}": r["max_abs_kt"],
             f"phi_fe_bins_{label}": r["n_bins"], f"phi_fe_missing_bins_{label}": r["n_missing"],
             f"phi_fe_rmse_kt_{label}_unweighted": de.profile_rmse(
@@ -98,7 +96,7 @@ def main(argv=None):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "ala2_aa.pt"))
     ap.add_argument("--data", default=os.path.join(ROOT, "data", "ala2_vacuum.npz"))
-    ap.add_argument("--n-iid", type=int, default=512, help="i.i.d. samples")
+    ap.add_argument("--n-iid", type=int, default=256, help="i.i.d. samples")
     ap.add_argument("--divergence", default="fast",
                     help="exact divergence for log q: 'fast' (forward Laplacian, exact, ~19x "
                          "faster on MoleculeEnergy) or 'exact' (autograd rows)")
@@ -130,6 +128,8 @@ def main(argv=None):
     temperature = float(ref.settings.get("temperature", 300.0))
     top = ref.topology.to_openmm()
     system = alanine_system(top, ref.settings.get("solvent", "vacuum"), constraints=None)
+    with open(args.model, "rb") as fh:
+        model_sha256 = hashlib.sha256(fh.read()).hexdigest()
     model = de.load_model(args.model, n_particles=system.getNumParticles())
     l_chiral = lambda x: is_l_chiral(top, x)  # noqa: E731
     ref_phi = de.collective_variable(ref.xyz, "phi", top)
@@ -139,6 +139,7 @@ def main(argv=None):
                                          block_size=50, seed=args.seed)
     out = {"benchmark": "ala2_reweighting", "quick": args.quick, "hardware": hardware(),
            "model": os.path.relpath(os.path.abspath(args.model), ROOT),
+           "model_sha256": model_sha256,
            "model_t_min": model.t_min, "temperature_K": temperature,
            "target": "amber14-all vacuum, no constraints, NoCutoff, restricted to L-chirality",
            "reference_frames": int(len(ref.xyz)), "phi_bins": BINS,
@@ -197,7 +198,7 @@ def main(argv=None):
 
     # 3. energy comparison ------------------------------------------------------------
     t0 = time.perf_counter()
-    native = minimized_structure(system)
+    native = native_structure(system, ref.xyz)
     heavy = [a.index for a in ref.topology.atoms if a.element.symbol != "H"]
     eq = ref.xyz[rng.choice(len(ref.xyz), args.n_compare, replace=False)].astype(np.float64)
     sigma = rng.uniform(0.002, 0.02, args.n_compare)[:, None, None]
@@ -253,6 +254,7 @@ def main(argv=None):
                                           "Z_learned = int exp(-E_theta(x/s, t_min)) dx",
                     "bar_min_neighbour_overlap": min(dfe.info.get("neighbour_overlap",
                                                                   [float("nan")])),
+                    "bar_steps_kt": dfe.info.get("bar_steps_kt"),
                     "bar_n_k": dfe.n_k.tolist(), "bar_states": dfe.info["states"],
                     "bar_frames_per_state": n_bar,
                     "bar_errors": {k: v for k, v in dfe.info.items() if k.endswith("_error")}})
@@ -273,7 +275,8 @@ def main(argv=None):
             profs[f"{label} unweighted"] = res.proposal_profiles["phi"]
             rama[f"{label} reweighted"] = (res.cvs["phi"], res.cvs["psi"], res.weights)
     plots.plot_free_energy_profiles(profs, os.path.join(args.plots, "phi_profiles.png"),
-                                    xlabel="phi (rad)", title="alanine dipeptide, 300 K")
+                                    xlabel="phi (rad)", ymax=15.0,
+                                    title="alanine dipeptide, 300 K (clipped at 15 kT)")
     plots.plot_ramachandran(rama, os.path.join(args.plots, "ramachandran.png"))
     plots.plot_energy_scatter(cmp_all.reduced_classical, cmp_all.learned_kt,
                               os.path.join(args.plots, "energy_scatter.png"), fit=lc)

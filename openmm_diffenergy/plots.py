@@ -37,7 +37,8 @@ def _save(fig, path: str) -> str:
 
 
 def plot_free_energy_profiles(profiles: dict, path: str, xlabel: str = "CV",
-                              energy_unit: str = "kT", title: str | None = None) -> str:
+                              energy_unit: str = "kT", title: str | None = None,
+                              ymax: float | None = None) -> str:
     """Free-energy profiles with bootstrap error bars on one axis.
 
     Parameters
@@ -47,6 +48,10 @@ def plot_free_energy_profiles(profiles: dict, path: str, xlabel: str = "CV",
     path : str
         Output PNG.
     energy_unit : {"kT", "kJ/mol"}
+    ymax : float, optional
+        Upper limit of the axis (in ``energy_unit``; the lower one is just below the
+        lowest profile value); the rest is clipped, so that a badly reweighted profile
+        and its error bars do not flatten the others.
 
     Returns
     -------
@@ -62,6 +67,11 @@ def plot_free_energy_profiles(profiles: dict, path: str, xlabel: str = "CV",
         ok = np.isfinite(f)
         ax.errorbar(prof.centres[ok], f[ok], yerr=np.nan_to_num(e[ok]), label=label,
                     capsize=2, marker="o", ms=3, lw=1)
+    if ymax is not None:
+        low = min([0.0] + [float(np.min(p.f_kt[np.isfinite(p.f_kt)])) * (
+            1.0 if energy_unit == "kT" else p.kt_kj_per_mol)
+            for p in profiles.values() if np.isfinite(p.f_kt).any()])
+        ax.set_ylim(low - 0.05 * (float(ymax) - low), float(ymax))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"free energy ({energy_unit})")
     if title:

@@ -987,9 +987,10 @@ class FreeEnergyDifference:
         Samples per state used (after subsampling).
     kt_kj_per_mol : float
     info : dict
-        Statistical inefficiencies, ``neighbour_overlap`` (MBAR overlap matrix entries
-        ``O[k, k+1]``; near 0 means the estimate and its error bar are not to be
-        trusted), failures, timings.
+        Statistical inefficiencies, ``bar_steps_kt`` (BAR ``Delta F`` of each
+        neighbouring pair; steps of many kT mean poor overlap), ``neighbour_overlap``
+        (MBAR overlap matrix entries ``O[k, k+1]``; near 0 means the estimate and its
+        error bar are not to be trusted), failures, timings.
     """
 
     delta_f_kt: float
@@ -1086,6 +1087,7 @@ def free_energy_from_energies(energy_a, energy_b, state, lambdas,
             r = pymbar.bar(fwd, rev, compute_uncertainty=True)
             bar_f += float(r["Delta_f"])
             bar_var += float(r["dDelta_f"]) ** 2
+            info.setdefault("bar_steps_kt", []).append(float(r["Delta_f"]))
     except Exception as err:
         bar_f = bar_var = float("nan")
         info["bar_error"] = f"{type(err).__name__}: {err}"

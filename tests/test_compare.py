@@ -110,7 +110,7 @@ def test_plots_write_png(tmp_path):
     paths = [
         plots.plot_free_energy_profiles(prof, str(tmp_path / "fe.png"), xlabel="x"),
         plots.plot_free_energy_profiles(prof, str(tmp_path / "fe_kj.png"),
-                                        energy_unit="kJ/mol"),
+                                        energy_unit="kJ/mol", ymax=10.0),
         plots.plot_ramachandran({"md": (phi, psi), "rw": (phi, psi, np.ones(500))},
                                 str(tmp_path / "rama.png")),
         plots.plot_energy_scatter(a, 2 * a, str(tmp_path / "scatter.png"),

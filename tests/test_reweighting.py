@@ -348,6 +348,7 @@ def test_bar_mbar_on_exact_gaussian_energies():
     assert abs(res.delta_f_bar_kt - exact) < 4 * res.error_bar_kt
     assert res.delta_f_kj_per_mol == pytest.approx(res.delta_f_kt * KT)
     assert min(res.info["neighbour_overlap"]) > 0.05       # neighbouring states overlap
+    assert sum(res.info["bar_steps_kt"]) == pytest.approx(res.delta_f_bar_kt)
     with pytest.raises(ValueError, match="lambdas"):
         de.free_energy_from_energies([0.0], [0.0], [0], [0.0, 0.5])
     with pytest.raises(ValueError, match="same shape"):
