@@ -159,9 +159,10 @@ def main(argv=None):
                               seed=args.seed, condition=l_chiral, progress=True)
         out["n_iid"] = len(iid.x)
         out["n_iid_dropped"] = iid.info["n_dropped"]
+        out["iid_sampler_failures"] = iid.info["sampler_failures"]
         out["iid_sampler_nfe"] = iid.info["sampler"]["nfe"]
-    except ValueError as err:
-        out["iid_error"] = str(err)
+    except Exception as err:     # a bad model must not stop the benchmark
+        out["iid_error"] = f"{type(err).__name__}: {err}"
         out["n_iid"] = 0
     out.update(profile_summary(iid, ref_profile, "iid"))
     timings["iid_seconds"] = time.perf_counter() - t0
@@ -186,8 +187,8 @@ def main(argv=None):
         md_len = np.linalg.norm(md.x[:, bonds[:, 0]] - md.x[:, bonds[:, 1]], axis=-1)
         ratio = md_len / ref_len.mean(0)
         out["md_intact_fraction"] = float(((ratio > 0.8) & (ratio < 1.25)).all(1).mean())
-    except ValueError as err:
-        out["md_error"] = str(err)
+    except Exception as err:
+        out["md_error"] = f"{type(err).__name__}: {err}"
         out["n_md"] = 0
     out["n_md_requested"] = n_frames * args.md_replicas
     out["md_ns_per_replica"] = args.md_ns
@@ -209,11 +210,20 @@ def main(argv=None):
     cmp_eq = de.compare_energies(model, system, eq, temperature)
     pick = np.concatenate([np.arange(args.n_nll // 2),
                            args.n_compare + np.arange(args.n_nll - args.n_nll // 2)])
-    cmp_nll = de.compare_energies(model, system, structures[pick], temperature,
-                                  reference=native, atom_indices=heavy, nll=True,
-                                  nll_options={"rtol": args.rtol, "atol": args.rtol,
-                                               "divergence": args.divergence,
-                                               "progress": True})
+    try:
+        cmp_nll = de.compare_energies(model, system, structures[pick], temperature,
+                                      reference=native, atom_indices=heavy, nll=True,
+                                      nll_options={"rtol": args.rtol, "atol": args.rtol,
+                                                   "divergence": args.divergence,
+                                                   "progress": True})
+        nll_cmp = {"spearman_nll_vs_classical": cmp_nll.nll_vs_classical["spearman"],
+                   "slope_nll_vs_classical_kt": cmp_nll.nll_vs_classical["slope"],
+                   "spearman_learned_vs_classical_nll_subset":
+                       cmp_nll.learned_vs_classical["spearman"],
+                   "decoy_ranking_nll_subset": cmp_nll.ranking.get("nll")}
+    except Exception as err:
+        nll_cmp = {"spearman_nll_vs_classical": float("nan"),
+                   "nll_error": f"{type(err).__name__}: {err}"}
     lc = cmp_all.learned_vs_classical
     out.update({"spearman_learned_vs_classical": lc["spearman"],
                 "pearson_learned_vs_classical": lc["pearson"],
@@ -225,14 +235,9 @@ def main(argv=None):
                     cmp_eq.learned_vs_classical["spearman"],
                 "slope_learned_vs_classical_kt_equilibrium":
                     cmp_eq.learned_vs_classical["slope"],
-                "n_nll": int(len(pick)),
-                "spearman_nll_vs_classical": cmp_nll.nll_vs_classical["spearman"],
-                "slope_nll_vs_classical_kt": cmp_nll.nll_vs_classical["slope"],
-                "spearman_learned_vs_classical_nll_subset":
-                    cmp_nll.learned_vs_classical["spearman"],
+                "n_nll": int(len(pick)), **nll_cmp,
                 "decoy_ranking_learned": cmp_all.ranking["learned"],
-                "decoy_ranking_classical": cmp_all.ranking["classical"],
-                "decoy_ranking_nll_subset": cmp_nll.ranking.get("nll")})
+                "decoy_ranking_classical": cmp_all.ranking["classical"]})
     timings["compare_seconds"] = time.perf_counter() - t0
     print(f"compare: Spearman {lc['spearman']:.3f}, slope {lc['slope']:.3f} kT/kT "
           f"({timings['compare_seconds']:.0f} s)", flush=True)
@@ -258,9 +263,9 @@ def main(argv=None):
                     "bar_n_k": dfe.n_k.tolist(), "bar_states": dfe.info["states"],
                     "bar_frames_per_state": n_bar,
                     "bar_errors": {k: v for k, v in dfe.info.items() if k.endswith("_error")}})
-    except ValueError as err:
+    except Exception as err:
         out.update({"delta_f_bar_kt": float("nan"), "delta_f_bar_kt_uncertainty": float("nan"),
-                    "bar_error": str(err)})
+                    "bar_error": f"{type(err).__name__}: {err}"})
     timings["bar_seconds"] = time.perf_counter() - t0
     print(f"BAR: dF {out['delta_f_bar_kt']} +- {out['delta_f_bar_kt_uncertainty']} kT "
           f"({timings['bar_seconds']:.0f} s)", flush=True)

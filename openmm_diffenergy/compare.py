@@ -190,6 +190,11 @@ def compare_energies(model, system: openmm.System, xyz, temperature=None, refere
     Returns
     -------
     EnergyComparison
+
+    Raises
+    ------
+    RuntimeError
+        If the ``-log p0`` solve fails (non-finite score along the flow).
     """
     import torch
 
@@ -214,7 +219,12 @@ def compare_energies(model, system: openmm.System, xyz, temperature=None, refere
                 "atol": 1e-5, "batch_size": 32, "progress": progress}
         opts.update(nll_options or {})
         dtype = next((p.dtype for p in model.parameters()), torch.float64)
-        res = flow_nll(model, None, torch.as_tensor(arr, dtype=dtype), **opts)
+        try:
+            res = flow_nll(model, None, torch.as_tensor(arr, dtype=dtype), **opts)
+        except AssertionError as err:        # torchdiffeq: step underflow, non-finite state
+            raise RuntimeError(f"the flow-ODE -log p0 failed ({str(err)[:100]}); the "
+                               "model's score is probably not finite on these "
+                               "structures") from None
         out.nll = res.nll_model.detach().to(torch.float64).numpy()
         out.nll_vs_classical = correlation(out.nll, reduced)
         out.info["nll_method"] = {k: v for k, v in res.method.items()}

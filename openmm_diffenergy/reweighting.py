@@ -548,7 +548,10 @@ def sample_with_likelihood(model, n: int, sde=None, t_min: float | None = None,
     -------
     SampleResult
         ``x`` (n, N, 3) nm (or (n, d)); ``nll = -log q`` per nm^D and ``nll_model``
-        in model coordinates; ``method`` with the solver, tolerances and mean ``nfe``.
+        in model coordinates; ``method`` with the solver, tolerances, mean ``nfe`` and
+        ``failed``: samples whose solve failed (step-size underflow or non-finite
+        values; the batch is split to isolate them). Those come back as NaN; dropping
+        them biases the weights toward well-behaved samples, so report the count.
     """
     try:
         from torchdiffeq import odeint
@@ -583,6 +586,30 @@ def sample_with_likelihood(model, n: int, sde=None, t_min: float | None = None,
         a, g2 = float(sde.drift_coeff(tt)), float(sde.g2(tt))
         return a * y - 0.5 * g2 * s, a * dof - 0.5 * g2 * div
 
+    failures = []
+
+    def solve(y):
+        """(y at t_min, delta); a batch the solver fails on is split in halves, and a
+        single sample it fails on comes back as NaN (with the reason in ``failures``)."""
+        estimator.reset()
+        try:
+            with torch.no_grad():
+                ys, deltas = odeint(rhs, (y, torch.zeros(y.shape[0], dtype=dtype)), ts,
+                                    method=solver,
+                                    **({} if fixed else {"rtol": rtol, "atol": atol}))
+            if torch.isfinite(ys[-1]).all() and torch.isfinite(deltas[-1]).all():
+                return ys[-1], deltas[-1]
+            reason = "non-finite result"
+        except (AssertionError, RuntimeError) as err:   # torchdiffeq: step-size underflow
+            reason = f"{type(err).__name__}: {str(err)[:120]}"
+        if y.shape[0] == 1:
+            failures.append(reason)
+            return torch.full_like(y, float("nan")), torch.full((1,), float("nan"),
+                                                                dtype=dtype)
+        half = y.shape[0] // 2
+        (ya, da), (yb, db) = solve(y[:half]), solve(y[half:])
+        return torch.cat([ya, yb]), torch.cat([da, db])
+
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
     start = time.perf_counter()
     xs, nlls = [], []
@@ -590,20 +617,17 @@ def sample_with_likelihood(model, n: int, sde=None, t_min: float | None = None,
     for size in tqdm(sizes, desc="ODE samples + log q", disable=not progress):
         y = sde.prior_sample(size, model.dim, model.n_particles, gen, dtype)
         log_prior = sde.prior_log_prob(y, dof, model.n_particles)
-        estimator.reset()
-        with torch.no_grad():
-            ys, deltas = odeint(rhs, (y, torch.zeros(size, dtype=dtype)), ts, method=solver,
-                                **({} if fixed else {"rtol": rtol, "atol": atol}))
-        y_end = centre(ys[-1], model.n_particles)
-        xs.append(y_end * model.length_scale)
-        nlls.append(-(log_prior - deltas[-1]))
+        y_end, delta = solve(y)
+        xs.append(centre(y_end, model.n_particles) * model.length_scale)
+        nlls.append(-(log_prior - delta))
     x = torch.cat(xs)
     if model.n_particles is not None:
         x = x.reshape(-1, model.n_particles, 3)
     nll_model = torch.cat(nlls).to(torch.float64)
     info = {"method": "ode", "solver": solver, "t_min": t_min, "T": sde.T, "dof": dof,
             "length_scale": model.length_scale, "seed": seed, "batch_size": int(batch_size),
-            "nfe": nfe[0] / len(sizes), "nfe_total": nfe[0],
+            "nfe": nfe[0] / len(sizes), "nfe_total": nfe[0], "failed": len(failures),
+            "failures": failures[:10],
             "seconds": time.perf_counter() - start, "dtype": str(dtype)}
     info.update({"steps": int(steps), "grid": "cubic"} if fixed else {"rtol": rtol,
                                                                       "atol": atol})
@@ -895,6 +919,7 @@ def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
     if not ok.any():
         raise ValueError("every sample blew up (non-finite positions or log q)")
     info = {"kind": "iid", "n_requested": int(n), "n_dropped": int((~ok).sum()),
+            "sampler_failures": res.method.get("failures", []),
             "sampler": res.method, "sample_seconds": res.method["seconds"]}
     out = _finish(x[ok], nll[ok], "iid", system, temperature, topology, cvs, bins, ranges,
                   n_bootstrap, 1, seed, platform, progress, info, condition)
