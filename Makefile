@@ -14,12 +14,11 @@ $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet wheel
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: setup
-	$(PY) examples/gmm_1d.py --out outputs/gmm_1d.png
+	$(VENV)/bin/diffenergy demo --out-dir outputs/demo
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -27,7 +26,9 @@ test: setup
 benchmarks: setup
 	$(PY) benchmarks/likelihood_accuracy.py
 	$(PY) benchmarks/md_throughput.py
-	$(PY) benchmarks/ala2_quality.py --aa-ns 0.1 --cg-ns 1.0
+	$(PY) benchmarks/divergence_speed.py
+	$(PY) benchmarks/ala2_quality.py --aa-ns 1.0 --aa-replicas 1 --cg-ns 1.0
+	$(PY) benchmarks/ala2_reweighting.py
 
 clean:
 	rm -rf $(VENV) outputs
