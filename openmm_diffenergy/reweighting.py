@@ -1117,9 +1117,14 @@ def free_energy_from_energies(energy_a, energy_b, state, lambdas,
         bar_f = bar_var = float("nan")
         info["bar_error"] = f"{type(err).__name__}: {err}"
     try:
-        mbar = pymbar.MBAR(u_kn, n_k)
+        # a constant per state changes f_k by that constant only; removing each row's
+        # minimum keeps the solver's numbers small when the Hamiltonians differ by a large
+        # offset (a learned energy's normalization), and it is added back exactly
+        shift = u_kn.min(axis=1)
+        mbar = pymbar.MBAR(u_kn - shift[:, None], n_k)
         r = mbar.compute_free_energy_differences(compute_uncertainty=True)
-        mb_f, mb_err = float(r["Delta_f"][0, -1]), float(r["dDelta_f"][0, -1])
+        mb_f = float(r["Delta_f"][0, -1] + shift[-1] - shift[0])
+        mb_err = float(r["dDelta_f"][0, -1])
         overlap = np.asarray(mbar.compute_overlap()["matrix"])
         info["neighbour_overlap"] = [float(overlap[k, k + 1]) for k in range(lam.size - 1)]
     except Exception as err:

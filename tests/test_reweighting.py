@@ -371,6 +371,11 @@ def test_bar_mbar_on_exact_gaussian_energies():
     assert res.delta_f_kj_per_mol == pytest.approx(res.delta_f_kt * KT)
     assert min(res.info["neighbour_overlap"]) > 0.05       # neighbouring states overlap
     assert sum(res.info["bar_steps_kt"]) == pytest.approx(res.delta_f_bar_kt)
+    # a constant offset of U_b by 5000 kT shifts Delta F by exactly that (MBAR and BAR)
+    off = de.free_energy_from_energies(np.concatenate(ua), np.concatenate(ub) + 5000 * KT,
+                                       np.concatenate(state), lambdas, 300.0)
+    assert off.delta_f_kt == pytest.approx(res.delta_f_kt + 5000, abs=1e-3)
+    assert off.delta_f_bar_kt == pytest.approx(res.delta_f_bar_kt + 5000, abs=1e-3)
     with pytest.raises(ValueError, match="lambdas"):
         de.free_energy_from_energies([0.0], [0.0], [0], [0.0, 0.5])
     with pytest.raises(ValueError, match="same shape"):
