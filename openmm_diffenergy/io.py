@@ -40,16 +40,20 @@ def atomic_write(path: str, mode: str = "wb"):
     """Open a temporary file beside ``path``; on success it replaces ``path`` in one step.
 
     If the block raises, the temporary file is removed and ``path`` is left as it was,
-    so an interrupted write never leaves a half-written file behind.
+    so an interrupted write never leaves a half-written file behind. The file gets the
+    usual permissions (``0o666`` less the umask), not the private ones of ``mkstemp``.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -5,8 +5,6 @@ importing this module costs nothing and the user's pyplot backend is left alone.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 __all__ = ["plot_free_energy_profiles", "plot_ramachandran", "plot_energy_scatter",
@@ -30,9 +28,6 @@ def _save(fig, path: str) -> str:
 
     with atomic_write(str(path)) as fh:
         fig.savefig(fh, format="png", dpi=110)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)      # the temporary file was private (mkstemp)
     return str(path)
 
 

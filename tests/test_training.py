@@ -121,3 +121,18 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     with atomic_write(str(path), "w") as fh:
         fh.write("new")
     assert path.read_text() == "new"
+
+
+def test_atomic_write_gives_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from openmm_diffenergy.io import atomic_write
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "g.txt"
+        with atomic_write(str(path), "w") as fh:
+            fh.write("x")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644   # not mkstemp's private 0o600
+    finally:
+        os.umask(umask)
