@@ -41,13 +41,36 @@ def test_md_throughput_benchmark_quick(tmp_path):
     assert set(data["replica_steps_per_s"]) == {"1", "8", "64"}
 
 
-def test_readme_python_snippet_runs():
+def _readme_blocks():
     text = open(os.path.join(ROOT, "README.md")).read()
-    block = text.split("```python\n")[1].split("```")[0]
+    return [b.split("```")[0] for b in text.split("```python\n")[1:]]
+
+
+def test_readme_python_snippet_runs():
+    block = _readme_blocks()[0]
     namespace = {}
     exec(compile(block, "README.md", "exec"), namespace)
     gm, x, res = namespace["gm"], namespace["x"], namespace["res"]
     assert (res.nll + gm.log_prob(x)).abs().mean() < 1e-2
+
+
+@pytest.mark.slow
+def test_every_readme_python_snippet_runs(monkeypatch):
+    monkeypatch.chdir(ROOT)                  # the snippets name models/ by relative path
+    blocks = _readme_blocks()
+    assert len(blocks) >= 5
+    for k, block in enumerate(blocks[1:], 1):
+        exec(compile(block, f"README.md python block {k}", "exec"), {})
+
+
+def test_reweight_to_amber_example(tmp_path, capsys):
+    out = tmp_path / "rw.png"
+    md, iid = load("examples/reweight_to_amber.py").main(
+        ["--md-ps", "0.5", "--replicas", "1", "--n-iid", "3", "--out", str(out)])
+    assert len(md.x) == 5 and 1 <= len(iid.x) <= 3
+    assert 0 < md.ess <= 1 and 0 < iid.ess <= 1
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert "Kish ESS" in capsys.readouterr().out
 
 
 @pytest.mark.slow
