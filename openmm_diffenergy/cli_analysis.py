@@ -137,6 +137,11 @@ def _reweight_arguments(p) -> None:
     p.add_argument("--n", type=positive_int, default=64, help="i.i.d. samples (--mode iid)")
     p.add_argument("--divergence", choices=["fast", "exact"], default="fast",
                    help="exact divergence for log q: forward Laplacian (fast) or autograd rows")
+    p.add_argument("--solver", choices=["rk4", "dopri5"], default="rk4",
+                   help="flow ODE solver for log q: rk4 on --steps steps packed toward t_min "
+                        "(fixed cost), or adaptive dopri5 (samples whose solve fails are "
+                        "dropped and counted)")
+    p.add_argument("--steps", type=positive_int, default=200, help="RK4 steps")
     p.add_argument("--frames", nargs="+", default=None,
                    help="learned-force MD frames (any mdtraj format; --mode md); without them "
                         "MD is run from the structure")
@@ -164,7 +169,8 @@ def _reweight_run(args) -> int:
     if args.mode == "iid":
         if args.frames:
             raise ValueError("--frames are for --mode md")
-        res = reweight_iid(model, system, n=args.n, divergence=args.divergence, **common)
+        res = reweight_iid(model, system, n=args.n, divergence=args.divergence,
+                           solver=args.solver, steps=args.steps, **common)
         proposal = "nll"
     else:
         if args.frames:
