@@ -97,7 +97,7 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
     traj[0].save_pdb(os.path.join(out_dir, "learned_md.pdb"))
     traj.save_dcd(os.path.join(out_dir, "learned_md.dcd"))
     summary.update(md_frames=int(len(md.x)), md_ps_per_replica=md_ps, ess_md=md.ess,
-                   js_md=phi_psi_js(ref_pp, phi_psi(md.x, ref.topology)),
+                   js_md=phi_psi_js(ref_pp, _cv_pairs(md)),
                    md_seconds=time.perf_counter() - t0)
 
     log(f"[2/4] {n_iid} i.i.d. samples with exact -log p0 (flow ODE, RK4, exact divergence by "
@@ -105,7 +105,7 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
     t0 = time.perf_counter()
     iid = reweight_iid(net, system, n=n_iid, divergence="fast", solver="rk4", steps=200,
                        batch_size=64, **common)
-    iid_pp = phi_psi(iid.x, ref.topology)
+    iid_pp = _cv_pairs(iid)
     summary.update(n_iid=int(len(iid.x)), ess_iid=iid.ess,
                    l_chiral_fraction_iid=iid.info.get("condition_fraction"),
                    js_iid=phi_psi_js(ref_pp, iid_pp),
@@ -156,6 +156,11 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
         f"slope {corr['slope']:.3f} kT per kT")
     log(f"wrote {out_dir}/ (learned_md.dcd, summary.json, 4 PNG) in {summary['seconds']:.0f} s")
     return summary
+
+
+def _cv_pairs(result):
+    """(phi, psi) in radians, shape (n, 2), as the reweighting already computed them."""
+    return np.stack([result.cvs["phi"], result.cvs["psi"]], 1)
 
 
 def _reference_profile(phi, temperature):
