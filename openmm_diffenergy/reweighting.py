@@ -26,6 +26,7 @@ are given; ``openmm.unit`` quantities are converted.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -37,15 +38,14 @@ import torch
 from openmm import unit
 from tqdm.auto import tqdm
 
-from .coordinates import centre
-from .divergence import get_estimator
-from .likelihood import SampleResult
-from .models.base import score_fn
+from .flow import (_model_dtype, flow_log_density, folded_log_density, mirror_fold,
+                   sample_with_likelihood)
 from .openmm_force import _quantity, create_force, kt_kj_per_mol
 
 __all__ = ["log_importance_weights", "importance_weights", "ess", "potential_energies",
            "reduced_energies", "model_energies", "collective_variable", "FreeEnergyProfile",
-           "free_energy_profile", "profile_rmse", "sample_with_likelihood", "run_learned_md",
+           "free_energy_profile", "profile_rmse", "sample_with_likelihood", "flow_log_density",
+           "mirror_fold", "folded_log_density", "run_learned_md",
            "ReweightingResult", "reweight_iid", "reweight_md", "FreeEnergyDifference",
            "free_energy_from_energies", "lambda_free_energy"]
 
@@ -280,13 +280,6 @@ def model_energies(model, xyz, t_min: float | None = None,
     return np.concatenate(out)
 
 
-def _model_dtype(model) -> torch.dtype:
-    for p in list(model.parameters()) + list(model.buffers()):
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float64
-
-
 # --------------------------------------------------------------------------- profiles
 
 def collective_variable(xyz, cv, topology=None) -> np.ndarray:
@@ -508,134 +501,6 @@ def profile_rmse(profile: FreeEnergyProfile, reference: FreeEnergyProfile,
 
 # --------------------------------------------------------------------------- i.i.d. samples
 
-def sample_with_likelihood(model, n: int, sde=None, t_min: float | None = None,
-                           solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
-                           steps: int = 200, divergence="exact", batch_size: int = 32,
-                           seed: int | None = 0, dtype: torch.dtype | None = None,
-                           progress: bool = False) -> SampleResult:
-    """Draw samples with the probability-flow ODE and their exact ``log q`` on the way.
-
-    Each sample starts from the prior at ``T`` and the flow ``dy/dt = f - g^2 s / 2`` is
-    integrated to ``t_min`` together with ``d delta / dt = div(f - g^2 s / 2)``, so that
-    ``log q(y) = log p_T(y_T) - delta``: the density of the sampler itself, as
-    importance weights need.
-
-    Parameters
-    ----------
-    model : EnergyModel
-    n : int
-        Number of samples.
-    sde : LinearSDE, optional
-        Default ``model.sde``.
-    t_min : float, optional
-        Default ``model.t_min``.
-    solver : str
-        A torchdiffeq method. Adaptive ones ("dopri5", "bosh3", ...) use ``rtol`` and
-        ``atol`` (model coordinates; the step is shared by a batch); fixed-grid ones
-        ("rk4", "midpoint", "euler") take ``steps`` steps on the grid
-        ``t_min + (T - t_min) u^3``, ``u`` uniform, which is fine near ``t_min``.
-    divergence : {"exact"} or estimator
-        Anything :func:`openmm_diffenergy.divergence.get_estimator` accepts. Stochastic
-        estimators make ``exp(log w)`` biased; keep "exact" for reweighting.
-    batch_size : int
-    seed : int, optional
-        Seeds the prior draws.
-    dtype : torch.dtype, optional
-        Default: the model's parameter dtype.
-    progress : bool
-
-    Returns
-    -------
-    SampleResult
-        ``x`` (n, N, 3) nm (or (n, d)); ``nll = -log q`` per nm^D and ``nll_model``
-        in model coordinates; ``method`` with the solver, tolerances, mean ``nfe`` and
-        ``failed``: samples whose solve failed (step-size underflow or non-finite
-        values; the batch is split to isolate them). Those come back as NaN; dropping
-        them biases the weights toward well-behaved samples, so report the count.
-    """
-    try:
-        from torchdiffeq import odeint
-    except ImportError as err:  # pragma: no cover - a pinned dependency
-        raise ImportError("sample_with_likelihood needs torchdiffeq: pip install "
-                          "torchdiffeq") from err
-    sde = model.sde if sde is None else sde
-    t_min = float(model.t_min if t_min is None else t_min)
-    if int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n}")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if not 0.0 <= t_min < sde.T:
-        raise ValueError(f"t_min must lie in [0, {sde.T}), got {t_min}")
-    dtype = _model_dtype(model) if dtype is None else dtype
-    fixed = solver in ("rk4", "midpoint", "euler", "explicit_adams", "implicit_adams")
-    if fixed:
-        u = torch.linspace(0.0, 1.0, int(steps) + 1, dtype=torch.float64) ** 3
-        ts = (t_min + (sde.T - t_min) * u).flip(0).to(dtype)
-    else:
-        ts = torch.tensor([sde.T, t_min], dtype=dtype)
-    score = score_fn(model)
-    estimator = get_estimator(divergence, 1, "rademacher", seed)
-    dof = model.dof
-    nfe = [0]
-
-    def rhs(t, state):
-        y = state[0]
-        nfe[0] += 1
-        s, div = estimator(score, y, torch.full((y.shape[0],), float(t), dtype=y.dtype))
-        tt = torch.tensor(float(t), dtype=torch.float64)
-        a, g2 = float(sde.drift_coeff(tt)), float(sde.g2(tt))
-        return a * y - 0.5 * g2 * s, a * dof - 0.5 * g2 * div
-
-    failures = []
-
-    def solve(y):
-        """(y at t_min, delta); a batch the solver fails on is split in halves, and a
-        single sample it fails on comes back as NaN (with the reason in ``failures``)."""
-        estimator.reset()
-        try:
-            with torch.no_grad():
-                ys, deltas = odeint(rhs, (y, torch.zeros(y.shape[0], dtype=dtype)), ts,
-                                    method=solver,
-                                    **({} if fixed else {"rtol": rtol, "atol": atol}))
-            if torch.isfinite(ys[-1]).all() and torch.isfinite(deltas[-1]).all():
-                return ys[-1], deltas[-1]
-            reason = "non-finite result"
-        except (AssertionError, RuntimeError) as err:   # torchdiffeq: step-size underflow
-            reason = f"{type(err).__name__}: {str(err)[:120]}"
-        if y.shape[0] == 1:
-            failures.append(reason)
-            return torch.full_like(y, float("nan")), torch.full((1,), float("nan"),
-                                                                dtype=dtype)
-        half = y.shape[0] // 2
-        (ya, da), (yb, db) = solve(y[:half]), solve(y[half:])
-        return torch.cat([ya, yb]), torch.cat([da, db])
-
-    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    start = time.perf_counter()
-    xs, nlls = [], []
-    sizes = [min(int(batch_size), int(n) - i) for i in range(0, int(n), int(batch_size))]
-    for size in tqdm(sizes, desc="ODE samples + log q", disable=not progress):
-        y = sde.prior_sample(size, model.dim, model.n_particles, gen, dtype)
-        log_prior = sde.prior_log_prob(y, dof, model.n_particles)
-        y_end, delta = solve(y)
-        xs.append(centre(y_end, model.n_particles) * model.length_scale)
-        nlls.append(-(log_prior - delta))
-    x = torch.cat(xs)
-    if model.n_particles is not None:
-        x = x.reshape(-1, model.n_particles, 3)
-    nll_model = torch.cat(nlls).to(torch.float64)
-    info = {"method": "ode", "solver": solver, "t_min": t_min, "T": sde.T, "dof": dof,
-            "length_scale": model.length_scale, "seed": seed, "batch_size": int(batch_size),
-            "nfe": nfe[0] / len(sizes), "nfe_total": nfe[0], "failed": len(failures),
-            "failures": failures[:10],
-            "seconds": time.perf_counter() - start, "dtype": str(dtype)}
-    info.update({"steps": int(steps), "grid": "cubic"} if fixed else {"rtol": rtol,
-                                                                      "atol": atol})
-    describe = getattr(estimator, "describe", None)
-    info.update(describe() if describe else {"estimator": type(estimator).__name__})
-    return SampleResult(x, nll_model + dof * math.log(model.length_scale), nll_model, info)
-
-
 # --------------------------------------------------------------------------- MD
 
 def _time_ps(value, name: str) -> float:
@@ -849,7 +714,7 @@ def _finish(x, proposal, kind, system, temperature, topology, cvs, bins, ranges,
         if inside.shape != u.shape:
             raise ValueError(f"condition returned {inside.size} values for {u.size} samples")
         u = np.where(inside, u, np.inf)
-        info["condition_fraction"] = float(inside.mean())
+        info.setdefault("condition_fraction", float(inside.mean()))
     if kind == "iid":
         log_w = log_importance_weights(log_q=-proposal, reduced_target_energy=u)
     else:
@@ -866,7 +731,8 @@ def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
                  topology=None, cvs=None, bins: int = 36, ranges=None, n_bootstrap: int = 100,
                  solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
                  steps: int = 200, divergence="exact", batch_size: int = 32, seed: int = 0,
-                 platform: str = "Reference", condition=None,
+                 platform: str = "Reference", condition=None, fold: bool = False,
+                 dtype: torch.dtype | None = None,
                  progress: bool = True) -> ReweightingResult:
     """Draw i.i.d. samples from the model and reweight them to ``exp(-u/kT)``.
 
@@ -900,19 +766,31 @@ def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
         ``condition(x) -> bool array (n,)``: restricts the target to a region (zero
         density outside). Amber energies are mirror-symmetric, so to compare with MD
         that stays in one enantiomer, restrict to it (e.g. L-chirality).
+    fold : bool
+        Mirror-fold the samples into ``condition`` (:func:`mirror_fold`) instead of
+        giving the outside zero weight. The folded sampler's exact density is
+        ``q(x) + q(Rx)``, which costs one more likelihood solve per sample
+        (:func:`folded_log_density`, same solver settings).
+    dtype : torch.dtype, optional
+        Compute the likelihoods with a copy of the model in this dtype (e.g.
+        ``torch.float64``: float32 adaptive solves can fail on stiff models).
     progress : bool
 
     Returns
     -------
     ReweightingResult
-        ``info["condition_fraction"]``: the fraction of samples inside ``condition``.
+        ``info["condition_fraction"]``: the fraction of samples inside ``condition``
+        (before folding); with ``fold``, ``info["mirrored"]`` counts the reflected ones.
     """
     temperature = _default_temperature(model, temperature)
     _check_model_system(model, system)
     start = time.perf_counter()
-    res = sample_with_likelihood(model, n, solver=solver, rtol=rtol, atol=atol, steps=steps,
-                                 divergence=divergence, batch_size=batch_size, seed=seed,
-                                 progress=progress)
+    if fold and condition is None:
+        raise ValueError("fold=True needs a condition to fold the samples into")
+    flow_model = model if dtype is None else copy.deepcopy(model).to(dtype)
+    settings = dict(solver=solver, rtol=rtol, atol=atol, steps=steps, divergence=divergence,
+                    batch_size=batch_size, seed=seed, progress=progress)
+    res = sample_with_likelihood(flow_model, n, **settings)
     x = res.x.detach().to(torch.float64).numpy()
     nll = res.nll.detach().to(torch.float64).numpy()
     ok = np.isfinite(x).all(axis=(1, 2)) & np.isfinite(nll)
@@ -921,6 +799,15 @@ def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
     info = {"kind": "iid", "n_requested": int(n), "n_dropped": int((~ok).sum()),
             "sampler_failures": res.method.get("failures", []),
             "sampler": res.method, "sample_seconds": res.method["seconds"]}
+    if fold:
+        x, nll = x[ok], nll[ok]
+        nll, density = folded_log_density(flow_model, x, nll, **settings)
+        x, mirrored = mirror_fold(x, condition)
+        info.update(condition_fraction=float(1.0 - mirrored.mean()),
+                    mirrored=int(mirrored.sum()), density=density,
+                    density_failures=density.get("failures", []))
+        ok = np.isfinite(nll)
+        info["n_dropped"] += int((~ok).sum())
     out = _finish(x[ok], nll[ok], "iid", system, temperature, topology, cvs, bins, ranges,
                   n_bootstrap, 1, seed, platform, progress, info, condition)
     out.info["seconds"] = time.perf_counter() - start
