@@ -2,13 +2,17 @@
 
 For each model (all-atom, coarse-grained): the Jensen-Shannon divergence (natural log)
 of the 64 x 64 phi/psi histogram between reference MD and (a) i.i.d. samples drawn with
-the reverse SDE, (b) OpenMM Langevin MD driven by the exported learned force alone
-(replicas started from reference frames). For the all-atom model also: the mean
-Wasserstein-1 distance of bond lengths (i.i.d. samples vs reference), the fraction of
-L-chiral samples, and the fraction of MD frames whose bonded topology is intact (every
-bond within 0.8-1.25x its reference mean). The JS between the two halves of the
-reference run is printed as the estimate's finite-sample floor. Writes
-benchmarks/results/ala2_quality.json.
+the reverse SDE, (b) OpenMM Langevin MD driven by the exported learned force alone:
+many replicas in one Context (one batched TorchForce), started from reference frames,
+with the first ``--equilibration-ps`` of each discarded. The all-atom reference is
+L-alanine; the model also draws D-alanine, so its i.i.d. samples are mirror-folded into L
+(:func:`openmm_diffenergy.mirror_fold`, an exact sampler of density ``q(x) + q(Rx)``;
+``--no-fold`` turns it off) and the raw JS is reported beside it. For the all-atom model
+also: the mean Wasserstein-1 distance of bond lengths (i.i.d. samples vs reference), the
+fraction of L-chiral samples, the fraction of MD frames whose bonded topology is intact
+(every bond within 0.8-1.25x its reference mean), and one long replica at 1 fs for
+stability. The JS between the two halves of the reference run is printed as the
+estimate's finite-sample floor. Writes benchmarks/results/ala2_quality.json.
 
 Usage::
 
@@ -45,8 +49,9 @@ def bond_lengths(xyz, bonds):
     return np.linalg.norm(xyz[:, bonds[:, 0]] - xyz[:, bonds[:, 1]], axis=-1)
 
 
-def run_md(model, masses, n_replicas, ns, dt_fs, start, seed, save_ps=1.0):
-    """Langevin MD with the learned force only; returns frames (R, F, N, 3) nm."""
+def run_md(model, masses, n_replicas, ns, dt_fs, start, seed, save_ps=1.0, equilibration_ps=0.0):
+    """Langevin MD with the learned force only, all replicas in one Context (one batched
+    TorchForce); returns frames (R, F, N, 3) nm saved after ``equilibration_ps``."""
     n = model.n_particles
     base = openmm.System()
     for m in masses:
@@ -61,6 +66,8 @@ def run_md(model, masses, n_replicas, ns, dt_fs, start, seed, save_ps=1.0):
     ctx.setVelocitiesToTemperature(300 * unit.kelvin, seed)
     per = int(round(save_ps * 1000 / dt_fs))
     n_frames = int(round(ns * 1000 / save_ps))
+    if equilibration_ps > 0:
+        integ.step(int(round(equilibration_ps / dt_fs * 1000)))
     frames = []
     for _ in range(n_frames):
         integ.step(per)
@@ -72,58 +79,85 @@ def run_md(model, masses, n_replicas, ns, dt_fs, start, seed, save_ps=1.0):
     return np.stack(frames, 1) if frames else np.zeros((n_replicas, 0, n, 3))
 
 
+def md_quality(kind, model, ref, ref_pp, bonds, ref_len, n_replicas, ns, dt, start, seed,
+               save_ps, equilibration_ps):
+    """Frames, JS, intact fraction (and L-chirality) of one batched learned-force MD run."""
+    sel = model.metadata["particle_selection"]
+    t0 = time.perf_counter()
+    frames = run_md(model, model.metadata["masses"], n_replicas, ns, dt, start, seed,
+                    save_ps=save_ps, equilibration_ps=equilibration_ps)
+    flat = frames.reshape(-1, len(sel), 3)
+    out = {"seconds": time.perf_counter() - t0, "replicas": n_replicas,
+           "ns_per_replica": frames.shape[1] * save_ps / 1000.0 + equilibration_ps / 1000.0,
+           "equilibration_ps": equilibration_ps, "frames": int(flat.shape[0]),
+           "timestep_fs": dt, "save_ps": save_ps}
+    out["ns_total"] = out["ns_per_replica"] * n_replicas
+    if not flat.shape[0]:
+        return dict(out, js=float("nan"), intact_fraction=0.0)
+    out["js"] = js_divergence(ref_pp, phi_psi(flat, ref.topology if kind == "aa" else None,
+                                              kind))
+    ratio = bond_lengths(flat, bonds) / ref_len.mean(0)
+    out["intact_fraction"] = float(((ratio > 0.8) & (ratio < 1.25)).all(1).mean())
+    if kind == "aa":
+        out["l_chiral_fraction"] = float(is_l_chiral(ref.topology.to_openmm(), flat).mean())
+    return out
+
+
 def evaluate(kind, path, ref, ref_pp, args, rng):
     model = de.load_model(path)
     sel = model.metadata["particle_selection"]
     ref_xyz = ref.xyz[:, sel]
-    out = {}
+    out = {"t_min": model.t_min}
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     samples = de.sample(model, None, args.samples, steps=args.sde_steps, return_nll=False,
                         seed=args.seed, dtype=torch.float32).x.numpy()
     out["iid_seconds"] = time.perf_counter() - t0
-    pp = phi_psi(samples, ref.topology if kind == "aa" else None, kind)
-    out[f"{kind}_js_iid"] = js_divergence(ref_pp, pp)
     out["iid_samples"] = args.samples
     bonds = np.array([(b[0].index, b[1].index) for b in ref.topology.bonds]) if kind == "aa" \
         else np.array([(i, i + 1) for i in range(len(sel) - 1)])
     ref_len = bond_lengths(ref_xyz, bonds)
     if kind == "aa":
         from scipy.stats import wasserstein_distance
+        top = ref.topology.to_openmm()
         s_len = bond_lengths(samples, bonds)
         out["aa_bond_w1_nm"] = float(np.mean([wasserstein_distance(ref_len[:, k], s_len[:, k])
                                               for k in range(len(bonds))]))
-        l_chiral = is_l_chiral(ref.topology.to_openmm(), samples)
+        l_chiral = is_l_chiral(top, samples)
         out["aa_l_chiral_fraction_iid"] = float(l_chiral.mean())
-        # the model's D-chiral half lands on phi > 0; this is the JS of the rest
-        out["aa_js_iid_l_chiral_only"] = js_divergence(ref_pp, pp[l_chiral]) \
+        # the reference (and amber MD) is L-alanine; the model also draws D-alanine, which
+        # lands on phi > 0. The folded sampler reflects those (exact density q(x) + q(Rx)).
+        pp_raw = phi_psi(samples, ref.topology, kind)
+        out["aa_js_iid_unfolded"] = js_divergence(ref_pp, pp_raw)
+        out["aa_js_iid_l_chiral_only"] = js_divergence(ref_pp, pp_raw[l_chiral]) \
             if l_chiral.any() else float("nan")
+        if args.fold:
+            samples, _ = de.mirror_fold(samples, lambda x: is_l_chiral(top, x))
+        out["iid_sampler"] = "reverse SDE" + (", mirror-folded to L" if args.fold else "")
+    out[f"{kind}_js_iid"] = js_divergence(ref_pp, phi_psi(
+        samples, ref.topology if kind == "aa" else None, kind))
     # MD with the exported force, replicas started from reference frames
-    t0 = time.perf_counter()
-    replicas = args.aa_replicas if kind == "aa" and args.aa_replicas else args.replicas
-    start = ref_xyz[rng.choice(len(ref_xyz), replicas, replace=False)]
     dt = 1.0 if kind == "aa" else 2.0
+    replicas = args.aa_replicas if kind == "aa" else args.replicas
     ns = args.aa_ns if kind == "aa" else args.cg_ns
-    frames = run_md(model, model.metadata["masses"], replicas, ns, dt, start, args.seed)
-    out["t_min"] = model.t_min
-    out["md_seconds"] = time.perf_counter() - t0
-    flat = frames.reshape(-1, len(sel), 3)
-    out["md_frames"] = int(flat.shape[0])
-    out["md_ns_per_replica"] = frames.shape[1] / 1000.0
-    out["md_ns_total"] = flat.shape[0] / 1000.0
-    out["md_timestep_fs"] = dt
-    if flat.shape[0]:
-        pp_md = phi_psi(flat, ref.topology if kind == "aa" else None, kind)
-        out[f"{kind}_js_md"] = js_divergence(ref_pp, pp_md)
-        lengths = bond_lengths(flat, bonds)
-        ratio = lengths / ref_len.mean(0)
-        out[f"{kind}_md_intact_fraction"] = float(((ratio > 0.8) & (ratio < 1.25)).all(1).mean())
-        if kind == "aa":
-            out["aa_l_chiral_fraction_md"] = float(is_l_chiral(ref.topology.to_openmm(),
-                                                               flat).mean())
-    else:
-        out[f"{kind}_js_md"] = float("nan")
-        out[f"{kind}_md_intact_fraction"] = 0.0
+    common = (model, ref, ref_pp, bonds, ref_len)
+    md = md_quality(kind, *common, replicas, ns, dt,
+                    ref_xyz[rng.choice(len(ref_xyz), replicas, replace=False)], args.seed,
+                    args.save_ps, args.equilibration_ps)
+    out["md"] = md
+    out[f"{kind}_js_md"] = md["js"]
+    out[f"{kind}_md_intact_fraction"] = md["intact_fraction"]
+    out.update({f"md_{k}": md[k] for k in ("frames", "replicas", "ns_per_replica", "ns_total",
+                                           "timestep_fs")})
+    if kind == "aa":
+        out["aa_l_chiral_fraction_md"] = md["l_chiral_fraction"]
+        if args.aa_stability_ns > 0:    # one long replica: stability at 1 fs
+            stab = md_quality(kind, *common, 1, args.aa_stability_ns, 1.0,
+                              ref_xyz[rng.choice(len(ref_xyz), 1)], args.seed + 1, 1.0, 0.0)
+            out["stability"] = stab
+            out["aa_stability_ns"] = stab["ns_total"]
+            out["aa_stability_intact_fraction"] = stab["intact_fraction"]
+            out["aa_stability_l_chiral_fraction"] = stab["l_chiral_fraction"]
     return out
 
 
@@ -134,18 +168,26 @@ def main(argv=None):
     ap.add_argument("--cg", default=os.path.join(ROOT, "models", "ala2_cg.pt"))
     ap.add_argument("--samples", type=int, default=10000)
     ap.add_argument("--sde-steps", type=int, default=500)
-    ap.add_argument("--replicas", type=int, default=4)
-    ap.add_argument("--aa-ns", type=float, default=1.0, help="all-atom MD per replica, ns")
-    ap.add_argument("--aa-replicas", type=int, default=None,
-                    help="all-atom MD replicas (default --replicas)")
-    ap.add_argument("--cg-ns", type=float, default=1.0, help="CG MD per replica, ns")
+    ap.add_argument("--replicas", type=int, default=16, help="CG MD replicas")
+    ap.add_argument("--cg-ns", type=float, default=0.5, help="CG MD per replica, ns")
+    ap.add_argument("--aa-replicas", type=int, default=128, help="all-atom MD replicas")
+    ap.add_argument("--aa-ns", type=float, default=0.05,
+                    help="all-atom MD per replica after equilibration, ns")
+    ap.add_argument("--aa-stability-ns", type=float, default=1.0,
+                    help="one more all-atom replica this long at 1 fs, for stability (0: none)")
+    ap.add_argument("--equilibration-ps", type=float, default=10.0,
+                    help="MD discarded at the start of each replica, ps")
+    ap.add_argument("--save-ps", type=float, default=0.5, help="MD frame interval, ps")
+    ap.add_argument("--no-fold", dest="fold", action="store_false",
+                    help="all-atom i.i.d. JS of the raw samples (both enantiomers)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "ala2_quality.json"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.samples, args.sde_steps, args.replicas = 200, 50, 2
-        args.aa_ns = args.cg_ns = 0.005
+        args.samples, args.sde_steps, args.replicas, args.aa_replicas = 200, 50, 2, 2
+        args.aa_ns = args.cg_ns = args.aa_stability_ns = 0.005
+        args.equilibration_ps = 1.0
     torch.set_num_threads(1)
     ref = load_reference(args.data)
     rng = np.random.default_rng(args.seed)
@@ -161,7 +203,8 @@ def main(argv=None):
         r = evaluate(kind, path, ref, ref_pp, args, rng)
         res[kind] = r
         res.update({k: v for k, v in r.items() if k.startswith(kind + "_")})
-        print(f"{kind}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)
+        print(f"{kind}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()
+                                      if isinstance(v, (int, float))), flush=True)
     targets = {f"{k}_le_0.05": bool(res[k] <= 0.05)
                for k in ("aa_js_iid", "aa_js_md", "cg_js_iid", "cg_js_md")}
     print("targets:", ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in targets.items()))

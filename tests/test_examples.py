@@ -82,6 +82,10 @@ def test_ala2_quality_benchmark_quick(tmp_path):
                 "js_reference_split_half"):
         assert key in data and np.isfinite(data[key])
     assert 0.0 <= data["aa"]["aa_md_intact_fraction"] <= 1.0
+    assert data["aa"]["md"]["replicas"] == 2 and data["aa"]["stability"]["replicas"] == 1
+    assert 0.0 <= data["aa_stability_intact_fraction"] <= 1.0
+    assert "mirror-folded" in data["aa"]["iid_sampler"]
+    assert np.isfinite(data["aa_js_iid_unfolded"])
 
 
 def test_add_to_openmm_script_example(tmp_path):
