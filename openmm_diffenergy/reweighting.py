@@ -565,12 +565,16 @@ def _md_settings(temperature, timestep, friction, save_interval, n_frames, equil
 def run_learned_md(model, system: openmm.System, positions, temperature=None,
                    n_frames: int = 100, save_interval=1.0, timestep=0.001, friction=1.0,
                    equilibration=0.0, n_replicas: int = 1, platform: str = "Reference",
-                   backend: str = "torchforce", seed: int = 0,
+                   backend: str = "torchforce", seed: int = 0, batch: bool = True,
                    progress: bool = False) -> list:
-    """Langevin MD driven by the learned force alone, one Context per replica.
+    """Langevin MD driven by the learned force alone, for one or many replicas.
 
-    A replica whose positions turn NaN, or whose force raises, is stopped and its
-    frames so far are kept; the others go on.
+    With ``batch`` (the default) all replicas run in one Context: non-interacting copies
+    of the particles (:func:`~openmm_diffenergy.systems.replicate_system`) and one learned
+    force that evaluates them as a batch, many times faster than one Context each. A
+    blow-up (NaN positions, or the force raising) then stops every replica, with the
+    frames so far kept. With ``batch=False`` each replica has its own Context and
+    a replica that blows up stops alone.
 
     Parameters
     ----------
@@ -592,7 +596,10 @@ def run_learned_md(model, system: openmm.System, positions, temperature=None,
     platform, backend : str
         OpenMM platform; learned-force backend (see :func:`create_force`).
     seed : int
-        Replica r uses ``seed + r`` for velocities and the integrator.
+        Seeds velocities and the integrator (replica r uses ``seed + r`` without
+        ``batch``).
+    batch : bool
+        All replicas in one Context (see above).
     progress : bool
 
     Returns
@@ -611,6 +618,23 @@ def run_learned_md(model, system: openmm.System, positions, temperature=None,
     t, dt, fr, steps, equil = _md_settings(temperature, timestep, friction, save_interval,
                                            n_frames, equilibration)
     md_system = _particle_system(system)
+    if batch and n_replicas > 1:
+        from .systems import replicate_system
+        n = system.getNumParticles()
+        batched = replicate_system(md_system, int(n_replicas))
+        batched.addForce(create_force(model, temperature=t, backend=backend,
+                                      n_replicas=int(n_replicas)))
+        starts = np.stack([start[r % len(start)] for r in range(int(n_replicas))])
+        frames, stopped = _simulate(batched, starts.reshape(-1, 3), t, dt, fr, int(n_frames),
+                                    steps, equil, platform, seed, progress,
+                                    f"learned MD, {n_replicas} replicas")
+        if stopped:
+            warnings.warn(f"learned-force MD ({n_replicas} replicas in one Context) stopped: "
+                          f"{stopped}", RuntimeWarning)
+        frames = frames.reshape(len(frames), int(n_replicas), n, 3)
+        time_ps = (equil + steps * np.arange(1, len(frames) + 1)) * dt
+        return [{"frames": frames[:, r], "stopped": stopped, "time_ps": time_ps}
+                for r in range(int(n_replicas))]
     md_system.addForce(create_force(model, temperature=t, backend=backend))
     out = []
     for r in range(int(n_replicas)):

@@ -315,6 +315,30 @@ def test_learned_md_blow_up_is_reported_not_raised():
                                  timestep=0.5, backend="pythonforce")
     assert runs[0]["stopped"] is not None
     assert len(runs[0]["frames"]) < 50 and np.isfinite(runs[0]["frames"]).all()
+    # replicas in one Context stop together; unbatched, each has its own Context
+    for batch in (True, False):
+        with pytest.warns(RuntimeWarning, match="stopped"):
+            runs = de.run_learned_md(gm, pair_system(), start, n_frames=50, save_interval=0.5,
+                                     timestep=0.5, backend="pythonforce", n_replicas=2,
+                                     batch=batch)
+        assert all(r["stopped"] is not None and len(r["frames"]) < 50 for r in runs)
+
+
+def test_batched_replicas_are_independent_copies():
+    gm = pair_model(t_min=1e-3)
+    start = np.array([[[0.0, 0.0, 0.0], [0.03, 0.0, 0.0]],
+                      [[1.0, 0.0, 0.0], [1.0, 0.03, 0.0]],
+                      [[0.0, 2.0, 0.0], [0.0, 2.0, 0.03]]])
+    runs = de.run_learned_md(gm, pair_system(), start, n_frames=40, save_interval=0.05,
+                             timestep=0.002, n_replicas=3, friction=20.0)
+    assert len(runs) == 3 and all(r["stopped"] is None for r in runs)
+    for r, run in enumerate(runs):
+        assert run["frames"].shape == (40, 2, 3)
+        # each replica continues from its own start (copies are not mixed up) ...
+        assert np.abs(run["frames"][0].mean(0) - start[r].mean(0)).max() < 0.05
+    # ... and keeps a bond of the model's length: <d^2> = 3 kT/k_model
+    d2 = np.concatenate([(distance(run["frames"][10:]) ** 2) for run in runs])
+    assert d2.mean() == pytest.approx(3 * 2 * V_MODEL, rel=0.35)
 
 
 def test_reweighting_input_errors():
