@@ -49,7 +49,8 @@ def bond_lengths(xyz, bonds):
     return np.linalg.norm(xyz[:, bonds[:, 0]] - xyz[:, bonds[:, 1]], axis=-1)
 
 
-def run_md(model, masses, n_replicas, ns, dt_fs, start, seed, save_ps=1.0, equilibration_ps=0.0):
+def run_md(model, masses, n_replicas, ns, dt_fs, start, seed, save_ps=1.0, equilibration_ps=0.0,
+           t_read=None):
     """Langevin MD with the learned force only, all replicas in one Context (one batched
     TorchForce); returns frames (R, F, N, 3) nm saved after ``equilibration_ps``."""
     n = model.n_particles
@@ -57,7 +58,7 @@ def run_md(model, masses, n_replicas, ns, dt_fs, start, seed, save_ps=1.0, equil
     for m in masses:
         base.addParticle(m)
     system = de.replicate_system(base, n_replicas)
-    de.add_learned_force(system, model, n_replicas=n_replicas)
+    de.add_learned_force(system, model, n_replicas=n_replicas, t_min=t_read)
     integ = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond,
                                             dt_fs * unit.femtoseconds)
     integ.setRandomNumberSeed(seed)
@@ -80,14 +81,15 @@ def run_md(model, masses, n_replicas, ns, dt_fs, start, seed, save_ps=1.0, equil
 
 
 def md_quality(kind, model, ref, ref_pp, bonds, ref_len, n_replicas, ns, dt, start, seed,
-               save_ps, equilibration_ps):
+               save_ps, equilibration_ps, t_read=None):
     """Frames, JS, intact fraction (and L-chirality) of one batched learned-force MD run."""
     sel = model.metadata["particle_selection"]
     t0 = time.perf_counter()
     frames = run_md(model, model.metadata["masses"], n_replicas, ns, dt, start, seed,
-                    save_ps=save_ps, equilibration_ps=equilibration_ps)
+                    save_ps=save_ps, equilibration_ps=equilibration_ps, t_read=t_read)
     flat = frames.reshape(-1, len(sel), 3)
     out = {"seconds": time.perf_counter() - t0, "replicas": n_replicas,
+           "energy_read_at_t": model.t_min if t_read is None else t_read,
            "ns_per_replica": frames.shape[1] * save_ps / 1000.0 + equilibration_ps / 1000.0,
            "equilibration_ps": equilibration_ps, "frames": int(flat.shape[0]),
            "timestep_fs": dt, "save_ps": save_ps}
@@ -141,9 +143,10 @@ def evaluate(kind, path, ref, ref_pp, args, rng):
     replicas = args.aa_replicas if kind == "aa" else args.replicas
     ns = args.aa_ns if kind == "aa" else args.cg_ns
     common = (model, ref, ref_pp, bonds, ref_len)
+    t_read = args.aa_md_t if kind == "aa" else None
     md = md_quality(kind, *common, replicas, ns, dt,
                     ref_xyz[rng.choice(len(ref_xyz), replicas, replace=False)], args.seed,
-                    args.save_ps, args.equilibration_ps)
+                    args.save_ps, args.equilibration_ps, t_read)
     out["md"] = md
     out[f"{kind}_js_md"] = md["js"]
     out[f"{kind}_md_intact_fraction"] = md["intact_fraction"]
@@ -153,7 +156,8 @@ def evaluate(kind, path, ref, ref_pp, args, rng):
         out["aa_l_chiral_fraction_md"] = md["l_chiral_fraction"]
         if args.aa_stability_ns > 0:    # one long replica: stability at 1 fs
             stab = md_quality(kind, *common, 1, args.aa_stability_ns, 1.0,
-                              ref_xyz[rng.choice(len(ref_xyz), 1)], args.seed + 1, 1.0, 0.0)
+                              ref_xyz[rng.choice(len(ref_xyz), 1)], args.seed + 1, 1.0, 0.0,
+                              t_read)
             out["stability"] = stab
             out["aa_stability_ns"] = stab["ns_total"]
             out["aa_stability_intact_fraction"] = stab["intact_fraction"]
@@ -175,6 +179,9 @@ def main(argv=None):
                     help="all-atom MD per replica after equilibration, ns")
     ap.add_argument("--aa-stability-ns", type=float, default=1.0,
                     help="one more all-atom replica this long at 1 fs, for stability (0: none)")
+    ap.add_argument("--aa-md-t", type=float, default=None,
+                    help="diffusion time at which the all-atom MD reads the learned energy "
+                         "(default: the model's t_min)")
     ap.add_argument("--equilibration-ps", type=float, default=10.0,
                     help="MD discarded at the start of each replica, ps")
     ap.add_argument("--save-ps", type=float, default=0.5, help="MD frame interval, ps")

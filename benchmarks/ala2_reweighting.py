@@ -3,14 +3,18 @@
 Target: the System the reference data were made with (``alanine_system(top, "vacuum",
 constraints=None)``, scripts/generate_ala2_data.py), at the reference temperature.
 Amber energies are mirror-symmetric while the reference MD stays L, so the target is
-amber restricted to L-chirality (D samples get zero weight; their fraction is reported).
+amber restricted to L-chirality. The model draws D-alanine too; those samples get zero
+weight. ``--fold`` mirror-folds them into L instead, with the exact density
+``q(x) + q(Rx)``; on the shipped model the second solve (the flow ODE started at the
+reflection of a sample) blows up, so it is off by default.
 
 1. i.i.d.: ``--n-iid`` samples from the model with their exact flow-ODE ``log q``
-   (adaptive dopri5, rtol = atol = 1e-5, exact divergence by forward-Laplacian
-   propagation, ``--divergence fast``), ``log w = -u/kT - log q``.
-2. MD: ``--md-replicas`` Langevin runs (1 fs, 1/ps) with the learned force alone,
-   started from reference frames, ``--md-ns`` each; ``log w = -u/kT + E_theta(x, t_min)``.
-   A replica that blows up is stopped and its frames so far are kept.
+   (adaptive dopri5, rtol = atol = 1e-5, in float64 (``--dtype``; float32 steps
+   underflowed on one solve in ten), exact divergence by forward-Laplacian propagation,
+   ``--divergence fast``), ``log w = -u/kT - log q``.
+2. MD: ``--md-replicas`` Langevin runs (1 fs, 1/ps) with the learned force alone, as one
+   batch in one Context, started from reference frames, ``--md-ns`` each;
+   ``log w = -u/kT + E_theta(x, t_min)``. A blow-up stops the batch; frames so far are kept.
 3. phi free-energy profiles: 36 bins of 10 degrees on (-pi, pi]; RMSE (kT) against the
    reference MD over bins with >= 1% reference population, both profiles aligned by
    their reference-population-weighted mean over those bins. Bins where the reweighted
@@ -102,7 +106,13 @@ def main(argv=None):
                          "faster on MoleculeEnergy) or 'exact' (autograd rows)")
     ap.add_argument("--iid-batch", type=int, default=32)
     ap.add_argument("--rtol", type=float, default=1e-5, help="dopri5 rtol = atol")
-    ap.add_argument("--md-replicas", type=int, default=4)
+    ap.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                    help="precision of the i.i.d. likelihood solves")
+    ap.add_argument("--fold", action="store_true",
+                    help="mirror-fold D-alanine samples into L (exact density q(x) + q(Rx), "
+                         "one more flow solve per sample) instead of giving them zero weight")
+    ap.add_argument("--md-replicas", type=int, default=32,
+                    help="learned-MD replicas, run as a batch in one Context")
     ap.add_argument("--md-ns", type=float, default=0.02, help="learned MD per replica, ns")
     ap.add_argument("--md-save-ps", type=float, default=0.1)
     ap.add_argument("--n-compare", type=int, default=200,
@@ -155,9 +165,13 @@ def main(argv=None):
         iid = de.reweight_iid(model, system, n=args.n_iid, temperature=temperature,
                               topology=top, bins=BINS, n_bootstrap=args.n_bootstrap,
                               rtol=args.rtol, atol=args.rtol, batch_size=args.iid_batch,
-                              divergence=args.divergence,
+                              divergence=args.divergence, fold=args.fold,
+                              dtype=getattr(torch, args.dtype),
                               seed=args.seed, condition=l_chiral, progress=True)
         out["n_iid"] = len(iid.x)
+        out["iid_fold"] = args.fold
+        out["iid_mirrored"] = iid.info.get("mirrored", 0)
+        out["iid_density_failures"] = iid.info.get("density_failures", [])
         out["n_iid_dropped"] = iid.info["n_dropped"]
         out["iid_sampler_failures"] = iid.info["sampler_failures"]
         out["iid_sampler_nfe"] = iid.info["sampler"]["nfe"]

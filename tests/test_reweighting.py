@@ -469,6 +469,7 @@ def test_reweighting_benchmark_quick(tmp_path):
                 "delta_f_bar_kt", "delta_f_bar_kt_uncertainty", "n_iid", "n_md", "n_compare",
                 "hardware", "gates"):
         assert key in data, key
+    assert data["iid_fold"] is False and data["n_iid"] > 0 and "iid_error" not in data
     assert set(data["gates"]) == {"ess_iid_ge_0.01", "phi_fe_rmse_kt_iid_le_0.5",
                                   "phi_fe_rmse_kt_md_le_0.5",
                                   "spearman_learned_vs_classical_ge_0.8"}
