@@ -6,9 +6,10 @@ dipeptide onto those beads (``de.CoarseGraining``), builds a bead System with
 ``n_replicas`` non-interacting copies, adds the learned force (all copies in one batched
 call per step), and runs Langevin dynamics with a DCD reporter. It then reads the
 trajectory back with mdtraj, measures phi/psi of every frame of every copy, prints the
-populations of the alpha_R (phi < 0, -100 < psi < 50 degrees) and beta/C7eq (the rest
-of phi < 0) basins beside those of the shipped amber14 reference run, and plots the
-Ramachandran histogram to a PNG.
+populations of the two basins of the reference run, named by where they are: C7eq
+(phi < 0, -150 < psi < 100 degrees) and extended (phi < 0, psi > 100 or < -150), and of
+phi > 0, beside those of the shipped amber14 reference run, and plots the Ramachandran
+histogram to a PNG.
 
 Usage::
 
@@ -32,11 +33,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def basins(pp_deg):
-    """Fractions of frames in beta/C7eq and alpha_R, from phi/psi in degrees (F, 2)."""
+    """Fractions of frames in C7eq, extended and phi > 0, from phi/psi in degrees (F, 2)."""
     phi, psi = pp_deg[:, 0], pp_deg[:, 1]
-    alpha = (phi < 0) & (psi > -100) & (psi < 50)
-    beta = (phi < 0) & ~alpha
-    return float(beta.mean()), float(alpha.mean())
+    extended = (phi < 0) & ((psi > 100) | (psi < -150))
+    c7eq = (phi < 0) & ~extended
+    return float(c7eq.mean()), float(extended.mean()), float((phi >= 0).mean())
 
 
 def main(argv=None):
@@ -97,15 +98,15 @@ def main(argv=None):
     traj = mdtraj.load(dcd, top=pdb)
     xyz = traj.xyz.reshape(traj.n_frames, args.replicas, cg.n_beads, 3)
     pp = np.degrees(phi_psi(xyz.reshape(-1, cg.n_beads, 3), None, "cg"))
-    beta, alpha = basins(pp)
-    print(f"{traj.n_frames} frames x {args.replicas} replicas: beta/C7eq {beta:.1%}, "
-          f"alpha_R {alpha:.1%}")
+    c7eq, extended, phi_pos = basins(pp)
+    print(f"{traj.n_frames} frames x {args.replicas} replicas: C7eq {c7eq:.1%}, "
+          f"extended {extended:.1%}, phi > 0 {phi_pos:.1%}")
     reference = os.path.join(ROOT, "data", "ala2_vacuum.npz")
     if os.path.exists(reference):
         ref = load_reference(reference)
-        ref_beta, ref_alpha = basins(np.degrees(phi_psi(ref.xyz, ref.topology)))
-        print(f"amber14 reference ({len(ref.xyz)} frames): beta/C7eq {ref_beta:.1%}, "
-              f"alpha_R {ref_alpha:.1%}")
+        ref_c7, ref_ext, ref_pos = basins(np.degrees(phi_psi(ref.xyz, ref.topology)))
+        print(f"amber14 reference ({len(ref.xyz)} frames): C7eq {ref_c7:.1%}, "
+              f"extended {ref_ext:.1%}, phi > 0 {ref_pos:.1%}")
 
     import matplotlib
     matplotlib.use("Agg")
@@ -120,7 +121,8 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     print(f"wrote {dcd}, {pdb}, {png}")
-    return {"frames": traj.n_frames, "phi_psi_deg": pp, "beta": beta, "alpha_R": alpha,
+    return {"frames": traj.n_frames, "phi_psi_deg": pp, "c7eq": c7eq, "extended": extended,
+            "phi_positive": phi_pos,
             "png": png, "dcd": dcd}
 
 

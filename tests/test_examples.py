@@ -114,6 +114,6 @@ def test_cg_md_example(tmp_path):
     assert res["frames"] == 10                       # 100 steps, a frame every 10
     assert res["phi_psi_deg"].shape == (20, 2)       # 10 frames x 2 replicas
     assert np.isfinite(res["phi_psi_deg"]).all()
-    assert 0.0 <= res["beta"] + res["alpha_R"] <= 1.0
+    assert res["c7eq"] + res["extended"] + res["phi_positive"] == pytest.approx(1.0)
     assert (tmp_path / "cg_md.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "cg_md.pdb").exists()
