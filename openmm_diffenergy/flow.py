@@ -136,7 +136,7 @@ def _batches(n: int, batch_size: int) -> list:
 
 
 def sample_with_likelihood(model, n: int, sde=None, t_min: float | None = None,
-                           solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
+                           solver: str = "dopri5", rtol: float = 1e-7, atol: float = 1e-7,
                            steps: int = 200, divergence="exact", batch_size: int = 32,
                            seed: int | None = 0, dtype: torch.dtype | None = None,
                            progress: bool = False) -> SampleResult:
@@ -158,7 +158,9 @@ def sample_with_likelihood(model, n: int, sde=None, t_min: float | None = None,
         Default ``model.t_min``.
     solver : str
         A torchdiffeq method. Adaptive ones ("dopri5", "bosh3", ...) use ``rtol`` and
-        ``atol`` (model coordinates; the step is shared by a batch); fixed-grid ones
+        ``atol`` (model coordinates; the step is shared by a batch, whose error norm
+        averages over samples: at 1e-5, 3 of 16 all-atom samples had ``log q`` 4-82
+        nats off, at the default 1e-7 none more than 0.34); fixed-grid ones
         ("rk4", "midpoint", "euler") take ``steps`` steps on the grid
         ``t_min + (T - t_min) u^3``, ``u`` uniform, which is fine near ``t_min``.
     divergence : {"exact"} or estimator
@@ -207,7 +209,7 @@ def sample_with_likelihood(model, n: int, sde=None, t_min: float | None = None,
 
 
 def flow_log_density(model, x, sde=None, t_min: float | None = None, solver: str = "dopri5",
-                     rtol: float = 1e-5, atol: float = 1e-5, steps: int = 200,
+                     rtol: float = 1e-7, atol: float = 1e-7, steps: int = 200,
                      divergence="exact", batch_size: int = 32, seed: int | None = 0,
                      dtype: torch.dtype | None = None, progress: bool = False) -> SampleResult:
     """``-log q(x)`` of given structures under :func:`sample_with_likelihood`'s sampler.

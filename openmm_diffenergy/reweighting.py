@@ -753,7 +753,7 @@ def _finish(x, proposal, kind, system, temperature, topology, cvs, bins, ranges,
 
 def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
                  topology=None, cvs=None, bins: int = 36, ranges=None, n_bootstrap: int = 100,
-                 solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
+                 solver: str = "dopri5", rtol: float = 1e-7, atol: float = 1e-7,
                  steps: int = 200, divergence="exact", batch_size: int = 32, seed: int = 0,
                  platform: str = "Reference", condition=None, fold: bool = False,
                  dtype: torch.dtype | None = None,
