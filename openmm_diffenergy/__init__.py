@@ -48,7 +48,8 @@ __all__ = [
     "centre", "check_time", "dof", "subspace_basis",
     "importance_weights", "log_importance_weights", "ess", "potential_energies", "reduced_energies",
     "model_energies", "collective_variable", "FreeEnergyProfile", "free_energy_profile", "profile_rmse",
-    "sample_with_likelihood", "flow_log_density", "folded_log_density", "mirror_fold", "run_learned_md", "ReweightingResult", "reweight_iid", "reweight_md",
+    "sample_with_likelihood", "flow_log_density", "folded_log_density", "mirror_fold",
+    "run_learned_md", "ReweightingResult", "reweight_iid", "reweight_md",
     "FreeEnergyDifference", "free_energy_from_energies", "lambda_free_energy",
     "EnergyComparison", "compare_energies", "correlation", "decoy_ranking", "rmsd_to_reference",
 ]
