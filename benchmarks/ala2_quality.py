@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import hardware, write_json  # noqa: E402
 
 import openmm  # noqa: E402
-from openmm import unit  # noqa: E402
 
 import openmm_diffenergy as de  # noqa: E402
 from openmm_diffenergy.ala2 import load_reference, phi_psi, phi_psi_js  # noqa: E402
@@ -51,33 +50,17 @@ def bond_lengths(xyz, bonds):
 
 def run_md(model, masses, n_replicas, ns, dt_fs, start, seed, save_ps=1.0, equilibration_ps=0.0,
            t_read=None):
-    """Langevin MD with the learned force only, all replicas in one Context (one batched
-    TorchForce); returns frames (R, F, N, 3) nm saved after ``equilibration_ps``."""
-    n = model.n_particles
+    """Langevin MD at 300 K with the learned force only (:func:`de.run_learned_md`, all
+    replicas in one Context); frames (R, F, N, 3) nm saved after ``equilibration_ps``,
+    up to a blow-up."""
     base = openmm.System()
     for m in masses:
         base.addParticle(m)
-    system = de.replicate_system(base, n_replicas)
-    de.add_learned_force(system, model, n_replicas=n_replicas, t_min=t_read)
-    integ = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond,
-                                            dt_fs * unit.femtoseconds)
-    integ.setRandomNumberSeed(seed)
-    ctx = openmm.Context(system, integ, openmm.Platform.getPlatformByName("Reference"))
-    ctx.setPositions(start.reshape(-1, 3) + np.repeat(np.arange(n_replicas), n)[:, None] * 3.0)
-    ctx.setVelocitiesToTemperature(300 * unit.kelvin, seed)
-    per = int(round(save_ps * 1000 / dt_fs))
-    n_frames = int(round(ns * 1000 / save_ps))
-    if equilibration_ps > 0:
-        integ.step(int(round(equilibration_ps / dt_fs * 1000)))
-    frames = []
-    for _ in range(n_frames):
-        integ.step(per)
-        x = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(
-            unit.nanometer)
-        if not np.isfinite(x).all():
-            break
-        frames.append(np.asarray(x).reshape(n_replicas, n, 3))
-    return np.stack(frames, 1) if frames else np.zeros((n_replicas, 0, n, 3))
+    runs = de.run_learned_md(model, base, start, temperature=300.0,
+                             n_frames=int(round(ns * 1000 / save_ps)), save_interval=save_ps,
+                             timestep=dt_fs / 1000.0, equilibration=equilibration_ps,
+                             n_replicas=n_replicas, seed=seed, t_min=t_read)
+    return np.stack([r["frames"] for r in runs])
 
 
 def md_quality(kind, model, ref, ref_pp, bonds, ref_len, n_replicas, ns, dt, start, seed,

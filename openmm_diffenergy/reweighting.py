@@ -566,7 +566,7 @@ def run_learned_md(model, system: openmm.System, positions, temperature=None,
                    n_frames: int = 100, save_interval=1.0, timestep=0.001, friction=1.0,
                    equilibration=0.0, n_replicas: int = 1, platform: str = "Reference",
                    backend: str = "torchforce", seed: int = 0, batch: bool = True,
-                   progress: bool = False) -> list:
+                   t_min: float | None = None, progress: bool = False) -> list:
     """Langevin MD driven by the learned force alone, for one or many replicas.
 
     With ``batch`` (the default) all replicas run in one Context: non-interacting copies
@@ -600,6 +600,8 @@ def run_learned_md(model, system: openmm.System, positions, temperature=None,
         ``batch``).
     batch : bool
         All replicas in one Context (see above).
+    t_min : float, optional
+        Diffusion time at which the learned energy is read; default ``model.t_min``.
     progress : bool
 
     Returns
@@ -622,7 +624,7 @@ def run_learned_md(model, system: openmm.System, positions, temperature=None,
         from .systems import replicate_system
         n = system.getNumParticles()
         batched = replicate_system(md_system, int(n_replicas))
-        batched.addForce(create_force(model, temperature=t, backend=backend,
+        batched.addForce(create_force(model, temperature=t, t_min=t_min, backend=backend,
                                       n_replicas=int(n_replicas)))
         starts = np.stack([start[r % len(start)] for r in range(int(n_replicas))])
         frames, stopped = _simulate(batched, starts.reshape(-1, 3), t, dt, fr, int(n_frames),
@@ -635,7 +637,7 @@ def run_learned_md(model, system: openmm.System, positions, temperature=None,
         time_ps = (equil + steps * np.arange(1, len(frames) + 1)) * dt
         return [{"frames": frames[:, r], "stopped": stopped, "time_ps": time_ps}
                 for r in range(int(n_replicas))]
-    md_system.addForce(create_force(model, temperature=t, backend=backend))
+    md_system.addForce(create_force(model, temperature=t, t_min=t_min, backend=backend))
     out = []
     for r in range(int(n_replicas)):
         frames, stopped = _simulate(md_system, start[r % len(start)], t, dt, fr, int(n_frames),

@@ -339,6 +339,14 @@ def test_batched_replicas_are_independent_copies():
     # ... and keeps a bond of the model's length: <d^2> = 3 kT/k_model
     d2 = np.concatenate([(distance(run["frames"][10:]) ** 2) for run in runs])
     assert d2.mean() == pytest.approx(3 * 2 * V_MODEL, rel=0.35)
+    # read at t = 0.3 the energy is the diffused one: variance alpha^2 V + sigma^2 s^2
+    t = torch.tensor(0.3, dtype=torch.float64)
+    v_t = float(gm.sde.alpha(t) ** 2 * V_MODEL + gm.sde.sigma2(t) * gm.length_scale ** 2)
+    late = de.run_learned_md(gm, pair_system(), start, n_frames=40, save_interval=0.05,
+                             timestep=0.002, n_replicas=3, friction=20.0, t_min=0.3)
+    d2 = np.concatenate([(distance(run["frames"][10:]) ** 2) for run in late])
+    assert v_t > 1.8 * V_MODEL
+    assert d2.mean() == pytest.approx(3 * 2 * v_t, rel=0.35)
 
 
 def test_reweighting_input_errors():
