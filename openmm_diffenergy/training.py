@@ -50,6 +50,13 @@ class TrainConfig:
         Weight of the Fokker-Planck penalty (0 disables it).
     fp_times : int
         Distinct times per batch for the FP term (samples are centred within a time).
+    fp_t_max : float
+        FP times are drawn like training times but on ``[t_eps, fp_t_max]``; a small value
+        spends the penalty on the times where the learned energy is read.
+    fp_scale : str
+        ``"none"`` squares the raw residual; ``"sigma2"`` multiplies it by ``sigma(t)^2``
+        first. Near ``t_min`` raw residuals are of order ``D / sigma^2`` (1e3 to 1e4 for
+        alanine dipeptide at ``t = 1e-3``) and swamp the DSM loss; scaled ones are O(1).
     checkpoint_every : int
     seed : int
     """
@@ -62,6 +69,8 @@ class TrainConfig:
     t_power: float = 1.0
     fp_weight: float = 0.0
     fp_times: int = 8
+    fp_t_max: float = 1.0
+    fp_scale: str = "none"
     checkpoint_every: int = 500
     seed: int = 0
     history: list = field(default_factory=list, repr=False)
@@ -150,6 +159,10 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
     """
     config = config or TrainConfig()
     sde = sde or model.sde
+    if config.fp_scale not in ("none", "sigma2"):
+        raise ValueError(f"fp_scale must be 'none' or 'sigma2', got {config.fp_scale!r}")
+    if not config.t_eps < config.fp_t_max <= 1:
+        raise ValueError(f"fp_t_max must lie in (t_eps, 1], got {config.fp_t_max}")
     if positions.dim() != 3 or positions.shape[1:] != (model.n_particles, 3):
         raise ValueError(f"positions have shape {tuple(positions.shape)}; expected "
                          f"(F, {model.n_particles}, 3)")
@@ -194,13 +207,16 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
         if config.fp_weight > 0:
             k = config.fp_times
             per = max(1, config.batch_size // (4 * k))
-            tf = (config.t_eps + (1 - config.t_eps) * torch.rand(k, generator=gen)
-                  ** config.t_power).repeat_interleave(per)
+            tf = (config.t_eps + (config.fp_t_max - config.t_eps)
+                  * torch.rand(k, generator=gen) ** config.t_power).repeat_interleave(per)
             y_fp = y_all[torch.randint(0, y_all.shape[0], (tf.shape[0],), generator=gen)]
             eps = subspace_noise(y_fp.shape, model.n_particles, generator=gen,
                                  dtype=y_fp.dtype)
             y_fp = sde.alpha(tf)[:, None] * y_fp + sde.sigma(tf)[:, None] * eps
-            r = fp_residual(model, sde, y_fp, tf, generator=gen).reshape(k, per)
+            r = fp_residual(model, sde, y_fp, tf, generator=gen)
+            if config.fp_scale == "sigma2":
+                r = r * sde.sigma2(tf).to(r.dtype)
+            r = r.reshape(k, per)
             fp = ((r - r.mean(1, keepdim=True)) ** 2).mean()
             loss = loss + config.fp_weight * fp
         opt.zero_grad(set_to_none=True)

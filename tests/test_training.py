@@ -136,3 +136,35 @@ def test_atomic_write_gives_the_usual_permissions(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644   # not mkstemp's private 0o600
     finally:
         os.umask(umask)
+
+
+def test_fp_times_and_scale(monkeypatch):
+    # spy on the FP residual: the times stay in [t_eps, fp_t_max] and the logged penalty
+    # is the within-time variance of sigma^2 r ("sigma2") or of r ("none")
+    import openmm_diffenergy.training as tr
+
+    seen = []
+
+    def fake_residual(model, sde, y, t, generator=None):
+        seen.append(t.detach().clone())
+        return torch.arange(y.shape[0], dtype=y.dtype)
+
+    monkeypatch.setattr(tr, "fp_residual", fake_residual)
+    for scale in ("none", "sigma2"):
+        seen.clear()
+        lines = []
+        cfg = de.TrainConfig(steps=1, batch_size=32, fp_weight=0.1, fp_times=2, fp_t_max=0.05,
+                             fp_scale=scale, checkpoint_every=5)
+        de.train(tiny_model(), tiny_data(), config=cfg, progress=False, log=lines.append)
+        t = seen[0]
+        assert t.shape == (8,) and t.min() >= cfg.t_eps and t.max() <= 0.05
+        r = torch.arange(8.0).reshape(2, 4)
+        if scale == "sigma2":
+            r = r * tiny_model().sde.sigma2(t.reshape(2, 4))
+        expected = ((r - r.mean(1, keepdim=True)) ** 2).mean()
+        logged = float(lines[-1].split(" fp ")[1].split()[0])
+        assert logged == pytest.approx(float(expected), abs=1e-4)
+    for bad in (dict(fp_scale="sigma4"), dict(fp_t_max=1e-4), dict(fp_t_max=2.0)):
+        with pytest.raises(ValueError, match="fp_"):
+            de.train(tiny_model(), tiny_data(), config=de.TrainConfig(steps=1, **bad),
+                     progress=False)
