@@ -24,7 +24,7 @@ from .reweighting import (FreeEnergyDifference, FreeEnergyProfile, ReweightingRe
                           lambda_free_energy, log_importance_weights, model_energies, potential_energies,
                           profile_rmse, reduced_energies, reweight_iid, reweight_md, run_learned_md,
                           sample_with_likelihood)
-from .flow import flow_log_density, folded_log_density, mirror_fold
+from .flow import denoise, flow_log_density, folded_log_density, mirror_fold
 from .compare import EnergyComparison, compare_energies, correlation, decoy_ranking, rmsd_to_reference
 from .serialization import deserialize_system, serialize_system
 from .systems import CoarseGraining, replicate_system, split_replicas
@@ -49,6 +49,7 @@ __all__ = [
     "importance_weights", "log_importance_weights", "ess", "potential_energies", "reduced_energies",
     "model_energies", "collective_variable", "FreeEnergyProfile", "free_energy_profile", "profile_rmse",
     "sample_with_likelihood", "flow_log_density", "folded_log_density", "mirror_fold",
+    "denoise",
     "run_learned_md", "ReweightingResult", "reweight_iid", "reweight_md",
     "FreeEnergyDifference", "free_energy_from_energies", "lambda_free_energy",
     "EnergyComparison", "compare_energies", "correlation", "decoy_ranking", "rmsd_to_reference",
