@@ -747,6 +747,9 @@ def add_model_arguments(p) -> None:
     p.add_argument("--layers", type=positive_int, default=3, help="hidden layers")
     p.add_argument("--t-min", type=nonnegative_float, default=1e-3,
                    help="diffusion time at which the exported force reads the energy")
+    p.add_argument("--net-t-floor", type=nonnegative_float, default=0.0,
+                   help="the network sees max(t, floor); below it only the Gaussian term and "
+                        "the prior depend on t (0: off)")
     p.add_argument("--prior", choices=["fit", "none"], default="fit",
                    help="fit: add a harmonic prior on bond and 1-3 distances and signed volumes, "
                         "measured on the diffused training data (holds bonds and chirality); "
@@ -872,7 +875,7 @@ def _train_run(args) -> int:
         prior = fit_prior(data.positions, bonds, data.length_scale, VPSDE(), seed=args.seed)
     model = MoleculeEnergy(n, torsions, hidden=args.hidden, layers=args.layers,
                            length_scale=data.length_scale, t_min=args.t_min, seed=args.seed,
-                           prior=prior)
+                           prior=prior, net_t_floor=args.net_t_floor)
     config = train_config(args, t_eps=args.t_eps, ema_decay=args.ema_decay,
                           checkpoint_every=args.checkpoint_every)
     pdb = io.StringIO()

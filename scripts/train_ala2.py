@@ -48,7 +48,7 @@ def main(argv=None):
                           seed=args.seed)
     model = de.MoleculeEnergy(len(sel), torsions, hidden=args.hidden, layers=args.layers,
                               length_scale=length_scale, t_min=args.t_min, seed=args.seed,
-                              prior=prior)
+                              prior=prior, net_t_floor=args.net_t_floor)
     config = train_config(args)
     masses = [float(ref.masses[i]) for i in sel]
     header = [f"command: {command}",

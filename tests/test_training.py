@@ -168,3 +168,31 @@ def test_fp_times_and_scale(monkeypatch):
         with pytest.raises(ValueError, match="fp_"):
             de.train(tiny_model(), tiny_data(), config=de.TrainConfig(steps=1, **bad),
                      progress=False)
+
+
+def test_net_t_floor_freezes_the_network_below_the_floor():
+    # below the floor only the analytic Gaussian term depends on t; above it the model is
+    # the one without a floor; the option survives a save/load and TorchScript
+    floor = 0.02
+    plain, floored = tiny_model(), de.MoleculeEnergy(
+        4, [(0, 1, 2, 3)], hidden=16, layers=2, length_scale=0.3, seed=0, net_t_floor=floor)
+    y = tiny_data(5).reshape(5, -1) / 0.3
+    y = y - y.reshape(5, 4, 3).mean(1).repeat(1, 4)
+
+    def net_part(model, t):
+        tt = torch.full((5,), t)
+        v = model.sde.alpha(tt) ** 2 + model.sde.sigma2(tt)
+        return model(y, tt) - 0.5 * (y * y).sum(-1) / v
+
+    torch.testing.assert_close(net_part(floored, 0.001), net_part(floored, 0.015))
+    torch.testing.assert_close(net_part(floored, 0.001), net_part(plain, floor))
+    assert (net_part(plain, 0.001) - net_part(plain, 0.015)).abs().max() > 1e-3
+    torch.testing.assert_close(floored(y, torch.full((5,), 0.3)), plain(y, torch.full((5,), 0.3)))
+    again = de.MoleculeEnergy.from_config(floored.config())
+    again.load_state_dict(floored.state_dict())
+    assert again.net_t_floor == floor
+    traced = torch.jit.trace(floored, (y, torch.full((5,), 0.001)), check_trace=False)
+    for t in (0.001, 0.3):     # the export traces the model: the clamp must stay an op
+        torch.testing.assert_close(traced(y, torch.full((5,), t)), floored(y, torch.full((5,), t)))
+    with pytest.raises(ValueError, match="net_t_floor"):
+        de.MoleculeEnergy(4, [], net_t_floor=1.5)

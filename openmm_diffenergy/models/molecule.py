@@ -101,12 +101,20 @@ class MoleculeEnergy(EnergyModel):
         ``FeaturePrior.fit`` on the training data), added to the energy. Its signed
         volumes are also inputs of the network: a direct, nearly linear chirality signal
         that survives noise better than torsion sines do.
+    net_t_floor : float
+        The network sees ``max(t, net_t_floor)`` (features and output scale); below it
+        only the Gaussian term and the prior, whose diffused statistics are exact, carry
+        the time dependence. Denoising score matching barely constrains the soft
+        coordinates (torsions) at the smallest t, where its targets are noise of size
+        ``1 / sigma``; with a floor of about 0.01 the learned torsion landscape at
+        ``t_min`` is the one the network learned at the floor. 0 (default) disables it.
     """
 
     def __init__(self, n_particles: int, torsions=(), hidden: int = 128, layers: int = 3,
                  n_frequencies: int = 6, length_scale: float = 1.0, t_min: float = 1e-3,
                  sde=None, seed: int | None = None, output_scale: str = "sigma",
-                 torsion_soft: float = 0.1, prior: dict | None = None):
+                 torsion_soft: float = 0.1, prior: dict | None = None,
+                 net_t_floor: float = 0.0):
         super().__init__(3 * n_particles, n_particles, length_scale=length_scale, t_min=t_min)
         self.sde = sde if sde is not None else VPSDE()
         torsions = [tuple(int(a) for a in q) for q in torsions]
@@ -117,7 +125,11 @@ class MoleculeEnergy(EnergyModel):
                         "layers": layers, "n_frequencies": n_frequencies,
                         "length_scale": self.length_scale, "t_min": self.t_min,
                         "sde": self.sde.config(), "output_scale": output_scale,
-                        "torsion_soft": float(torsion_soft), "prior": prior}
+                        "torsion_soft": float(torsion_soft), "prior": prior,
+                        "net_t_floor": float(net_t_floor)}
+        if not 0.0 <= net_t_floor < 1.0:
+            raise ValueError(f"net_t_floor must lie in [0, 1), got {net_t_floor}")
+        self.net_t_floor = float(net_t_floor)
         self.torsion_soft = float(torsion_soft)
         if output_scale not in ("sigma", "none"):
             raise ValueError(f"output_scale must be 'sigma' or 'none', got {output_scale!r}")
@@ -156,6 +168,7 @@ class MoleculeEnergy(EnergyModel):
         config["sde"] = sde_from_config(config["sde"])
         config.setdefault("output_scale", "none")   # files written before the options
         config.setdefault("torsion_soft", 0.0)
+        config.setdefault("net_t_floor", 0.0)
         return cls(**config)
 
     def features(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -173,7 +186,8 @@ class MoleculeEnergy(EnergyModel):
 
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Energy in kT of model coordinates ``y`` (B, 3N) at times ``t`` (B,)."""
-        h = self.features(y, t)
+        tn = torch.clamp(t, min=self.net_t_floor)
+        h = self.features(y, tn)
         for lin in self.linears[:-1]:
             h = torch.nn.functional.silu(lin(h))
         p = y.to(h.dtype).reshape(y.shape[0], -1, 3)
@@ -183,7 +197,7 @@ class MoleculeEnergy(EnergyModel):
         v = self.sde.alpha(tt) ** 2 + s2
         out = self.linears[-1](h)[:, 0]
         if self._scale_output:
-            out = out / torch.sqrt(s2 + 1e-4)
+            out = out / torch.sqrt(self.sde.sigma2(tn.to(h.dtype)) + 1e-4)
         out = out + 0.5 * (yc * yc).sum((1, 2)) / v
         if self._has_prior:
             out = out + self.prior(y, t).to(out.dtype)
