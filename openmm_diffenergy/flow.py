@@ -245,17 +245,16 @@ def flow_log_density(model, x, sde=None, t_min: float | None = None, solver: str
     if not torch.isfinite(x).all():
         raise ValueError("x holds NaN or inf positions")
     y_all = centre(model.to_model_coordinates(x), model.n_particles).to(dtype)
-    sizes = _batches(y_all.shape[0], batch_size)
+    batches = torch.split(y_all, _batches(y_all.shape[0], batch_size))
     flow = _FlowSolver(model, sde, t_min, solver, rtol, atol, steps, divergence, seed, dtype)
     ts = flow.times(forward=True)
     start = time.perf_counter()
     nlls = []
-    for y0 in tqdm(torch.split(y_all, int(batch_size)), desc="flow log q",
-                   disable=not progress):
+    for y0 in tqdm(batches, desc="flow log q", disable=not progress):
         y_t, delta = flow.solve(y0, ts)
         nlls.append(-(sde.prior_log_prob(y_t, model.dof, model.n_particles) + delta))
     nll_model = torch.cat(nlls).to(torch.float64)
-    info = flow.info(len(sizes), start, seed)
+    info = flow.info(len(batches), start, seed)
     info["batch_size"] = int(batch_size)
     return SampleResult(x, nll_model + model.dof * math.log(model.length_scale), nll_model,
                         info)
