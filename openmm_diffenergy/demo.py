@@ -4,7 +4,9 @@
    frames), reweighted to amber14 with ``log w = -u/kT + E_theta(x, t_min)``;
 2. i.i.d. samples from the model with their exact ``-log p0`` (probability-flow ODE, RK4 on
    200 steps packed toward ``t_min``, exact divergence by forward-Laplacian propagation),
-   reweighted with ``log w = -u/kT - log q``;
+   reweighted with ``log w = -u/kT - log q``; both sets are first taken one exact
+   probability-flow step on from ``t_min`` to 0 (``denoise``), which removes most of the
+   ``t_min`` noise from the bonds;
 3. the phi/psi Jensen-Shannon divergence of both sample sets against the reference MD;
 4. learned ``E_theta(x, t_min)`` against amber ``u/kT`` on reference frames and decoys.
 
@@ -92,7 +94,7 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
     starts = ref.xyz[rng.choice(len(ref.xyz), replicas, replace=False)]
     md = reweight_md(net, system, positions=starts, n_frames=max(1, int(round(md_ps * 10))),
                      save_interval=0.1, timestep=0.001, n_replicas=replicas, block_size=10,
-                     **common)
+                     denoise=True, **common)
     traj = mdtraj.Trajectory(md.x.astype(np.float32), ref.topology)
     traj[0].save_pdb(os.path.join(out_dir, "learned_md.pdb"))
     traj.save_dcd(os.path.join(out_dir, "learned_md.dcd"))
@@ -104,7 +106,7 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
         "forward Laplacian)")
     t0 = time.perf_counter()
     iid = reweight_iid(net, system, n=n_iid, divergence="fast", solver="rk4", steps=200,
-                       batch_size=64, **common)
+                       batch_size=64, denoise=True, **common)
     iid_pp = _cv_pairs(iid)
     summary.update(n_iid=int(len(iid.x)), ess_iid=iid.ess,
                    l_chiral_fraction_iid=iid.info.get("condition_fraction"),
