@@ -144,6 +144,11 @@ def _prior_jet(prior, y, t, directions):
     return energy, grad, (w * (torch.cat(sq, 1) + r * second)).sum(-1)
 
 
+def _network_time(model, t):
+    """The time the network sees: ``max(t, net_t_floor)`` for a floored MoleculeEnergy."""
+    return torch.clamp(t, min=float(getattr(model, "net_t_floor", 0.0)))
+
+
 def _feature_jet(model, p, t, directions):
     """Input features of ``model`` with their first and second derivatives.
 
@@ -176,7 +181,7 @@ def _feature_jet(model, p, t, directions):
         values.append(vv)
         firsts.append(vfirst)
         seconds.append(vsecond)
-    tt = t.to(p.dtype)[:, None]
+    tt = _network_time(model, t).to(p.dtype)[:, None]
     values += [tt, torch.sin(tt * model.frequencies), torch.cos(tt * model.frequencies)]
     n_time = 1 + 2 * model.frequencies.shape[0]
     seconds.append(p.new_zeros(B, n_time))
@@ -257,7 +262,7 @@ def forward_laplacian(model, y: torch.Tensor, t: torch.Tensor, directions=None):
         s2 = model.sde.sigma2(tt)
         v = model.sde.alpha(tt) ** 2 + s2
         if model._scale_output:
-            c = torch.sqrt(s2 + 1e-4)
+            c = torch.sqrt(model.sde.sigma2(_network_time(model, t).to(dt)) + 1e-4)
             energy, cols, second = energy / c, cols / c[:, None], second / c
         yc = p - p.mean(dim=1, keepdim=True)
         energy = energy + 0.5 * (yc * yc).sum((1, 2)) / v
