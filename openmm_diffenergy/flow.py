@@ -13,8 +13,8 @@ that lies outside a region (e.g. L-chirality) through the xy-plane; if the refle
 ``q_fold(x) = q(x) + q(Rx)`` inside (``|det R| = 1``), which needs one more likelihood per
 sample (:func:`folded_log_density`).
 
-:func:`denoise` takes samples of ``q_{t_min}`` one step of the same ODE on to
-``t = 0`` (score frozen at ``t_min``), with the exact log-determinant of that step. ``t_min`` noise of
+:func:`denoise` takes samples of ``q_{t_min}`` one step of the same ODE on to ``t = 0``
+(score frozen at ``t_min``), with the exact log-determinant of that step. Noise of
 ``sigma(t_min)`` per coordinate widens the stiffest modes (bonds) by a factor 2 or more;
 the step removes most of it while the densities stay exact, which is what importance
 weights against a classical force field need.

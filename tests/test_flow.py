@@ -134,7 +134,8 @@ def test_denoise_log_jacobian_is_exact_for_a_gaussian():
     x = _diffused(gm, 5, t, seed=0)
     x0, logdet = de.denoise(gm, x, t=t)
     basis = torch.kron(subspace_basis(4), torch.eye(3, dtype=torch.float64))
-    cov = basis.T @ torch.tensor(gm.config()["covariances"][0], dtype=torch.float64) @ basis / s ** 2
+    cov = torch.tensor(gm.config()["covariances"][0], dtype=torch.float64)
+    cov = basis.T @ cov @ basis / s ** 2
     tt = torch.tensor(t, dtype=torch.float64)
     a, sig2 = gm.sde.alpha(tt), gm.sde.sigma2(tt)
     shrink, half = 1 / a, (1 - a) / a

@@ -106,8 +106,9 @@ class MoleculeEnergy(EnergyModel):
         only the Gaussian term and the prior, whose diffused statistics are exact, carry
         the time dependence. Denoising score matching barely constrains the soft
         coordinates (torsions) at the smallest t, where its targets are noise of size
-        ``1 / sigma``; with a floor of about 0.01 the learned torsion landscape at
-        ``t_min`` is the one the network learned at the floor. 0 (default) disables it.
+        ``1 / sigma``; with a floor (0.02 for the shipped all-atom model) the torsion
+        landscape at ``t_min`` is the one the network learned at the floor, at the cost
+        of the network's own time dependence below it. 0 (default) disables it.
     """
 
     def __init__(self, n_particles: int, torsions=(), hidden: int = 128, layers: int = 3,
