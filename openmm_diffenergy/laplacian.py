@@ -145,8 +145,8 @@ def _prior_jet(prior, y, t, directions):
 
 
 def _network_time(model, t):
-    """The time the network sees: ``max(t, net_t_floor)`` for a floored MoleculeEnergy."""
-    return torch.clamp(t, min=float(getattr(model, "net_t_floor", 0.0)))
+    """The time the network sees (``MoleculeEnergy.network_time``; ``t`` for other models)."""
+    return model.network_time(t) if hasattr(model, "network_time") else t
 
 
 def _feature_jet(model, p, t, directions):

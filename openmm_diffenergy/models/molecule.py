@@ -185,9 +185,13 @@ class MoleculeEnergy(EnergyModel):
         feats += [tt, torch.sin(tt * self.frequencies), torch.cos(tt * self.frequencies)]
         return torch.cat(feats, dim=-1)
 
+    def network_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time the network sees, ``max(t, net_t_floor)`` (shape of ``t``)."""
+        return torch.clamp(t, min=self.net_t_floor)
+
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Energy in kT of model coordinates ``y`` (B, 3N) at times ``t`` (B,)."""
-        tn = torch.clamp(t, min=self.net_t_floor)
+        tn = self.network_time(t)
         h = self.features(y, tn)
         for lin in self.linears[:-1]:
             h = torch.nn.functional.silu(lin(h))
