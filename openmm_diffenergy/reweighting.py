@@ -916,9 +916,12 @@ def reweight_md(model, system: openmm.System, positions=None, frames=None, tempe
     start = time.perf_counter()
     info = {"kind": "md"}
     if frames is None:
-        runs = run_learned_md(model, system, positions, temperature, n_frames, save_interval,
-                              timestep, friction, equilibration, n_replicas, platform,
-                              backend, seed, progress=progress)
+        runs = run_learned_md(model, system, positions, temperature=temperature,
+                              n_frames=n_frames, save_interval=save_interval,
+                              timestep=timestep, friction=friction,
+                              equilibration=equilibration, n_replicas=n_replicas,
+                              platform=platform, backend=backend, seed=seed,
+                              progress=progress)
         info["replicas"] = [{"frames": len(r["frames"]), "stopped": r["stopped"]}
                             for r in runs]
         info["md_seconds"] = time.perf_counter() - start
