@@ -54,8 +54,8 @@ from _common import hardware, write_json  # noqa: E402
 
 import openmm_diffenergy as de  # noqa: E402
 from openmm_diffenergy import plots  # noqa: E402
-from openmm_diffenergy.ala2 import load_reference  # noqa: E402
-from openmm_diffenergy.alanine import alanine_system, is_l_chiral  # noqa: E402
+from openmm_diffenergy.ala2 import load_reference, reference_system  # noqa: E402
+from openmm_diffenergy.alanine import is_l_chiral  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -149,7 +149,7 @@ def main(argv=None):
     ref = load_reference(args.data)
     temperature = float(ref.settings.get("temperature", 300.0))
     top = ref.topology.to_openmm()
-    system = alanine_system(top, ref.settings.get("solvent", "vacuum"), constraints=None)
+    system = reference_system(ref)
     with open(args.model, "rb") as fh:
         model_sha256 = hashlib.sha256(fh.read()).hexdigest()
     model = de.load_model(args.model, n_particles=system.getNumParticles())

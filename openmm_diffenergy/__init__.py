@@ -22,6 +22,7 @@ from .sde import LinearSDE, VESDE, VPSDE, sde_from_config
 from .reweighting import (FreeEnergyDifference, FreeEnergyProfile, ReweightingResult, collective_variable,
                           ess, free_energy_from_energies, free_energy_profile, importance_weights,
                           lambda_free_energy, log_importance_weights, model_energies, potential_energies,
+                          potential_forces,
                           profile_rmse, reduced_energies, reweight_iid, reweight_md, run_learned_md,
                           sample_with_likelihood)
 from .flow import denoise, flow_log_density, folded_log_density, mirror_fold
@@ -46,7 +47,8 @@ __all__ = [
     "get_estimator",
     "NLLResult", "SampleResult", "nll", "path_nll", "sample",
     "centre", "check_time", "dof", "subspace_basis",
-    "importance_weights", "log_importance_weights", "ess", "potential_energies", "reduced_energies",
+    "importance_weights", "log_importance_weights", "ess", "potential_energies", "potential_forces",
+    "reduced_energies",
     "model_energies", "collective_variable", "FreeEnergyProfile", "free_energy_profile", "profile_rmse",
     "sample_with_likelihood", "flow_log_density", "folded_log_density", "mirror_fold",
     "denoise",

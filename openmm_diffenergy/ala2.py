@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Reference", "load_reference", "generate_reference", "selection", "particle_bonds",
+__all__ = ["Reference", "load_reference", "reference_system", "reference_scores",
+           "generate_reference", "selection", "particle_bonds",
            "CG_BACKBONE", "phi_psi", "phi_psi_js"]
 
 # the 5-bead coarse-grained backbone: C(ACE) N CA C N(NME)
@@ -49,6 +50,34 @@ def load_reference(path: str) -> Reference:
     masses = np.array([a.element.mass for a in top.atoms])
     names = [f"{a.residue.name}:{a.name}" for a in top.atoms]
     return Reference(data["xyz"], top, masses, names, json.loads(str(data["settings"])))
+
+
+def reference_system(ref: Reference):
+    """The amber14 ``openmm.System`` the reference data were made with (no constraints)."""
+    from .alanine import alanine_system
+
+    return alanine_system(ref.topology.to_openmm(), ref.settings.get("solvent", "vacuum"),
+                          constraints=None)
+
+
+def reference_scores(ref: Reference, progress: bool = False) -> np.ndarray:
+    """Data scores ``grad log p_0 = F / kT`` of every reference frame, 1/nm.
+
+    Parameters
+    ----------
+    ref : Reference
+    progress : bool
+
+    Returns
+    -------
+    numpy.ndarray, shape (F, 22, 3)
+        Amber14 forces (kJ/mol/nm) over ``kT`` at the reference temperature.
+    """
+    from .openmm_force import kt_kj_per_mol
+    from .reweighting import potential_forces
+
+    forces = potential_forces(reference_system(ref), ref.xyz, progress=progress)
+    return forces / kt_kj_per_mol(float(ref.settings.get("temperature", 300.0)))
 
 
 def _atomic_savez(path, **arrays):

@@ -768,6 +768,9 @@ def add_train_config_arguments(p) -> None:
                    help="largest time of the FP penalty")
     p.add_argument("--fp-scale", choices=["none", "sigma2"], default="none",
                    help="sigma2: multiply the FP residual by sigma(t)^2 before squaring")
+    p.add_argument("--tsm-precision", type=positive_float, default=None,
+                   help="P of the target-score/DSM mixture when data scores are given "
+                        "(default: estimated from the scores)")
     p.add_argument("--t-power", type=positive_float, default=1.0,
                    help="training times t_eps + (1 - t_eps) u^p: p > 1 favours small t")
     p.add_argument("--seed", type=int, default=0, help="weights, batches and noise")
@@ -779,7 +782,8 @@ def train_config(args, **extra):
 
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        fp_weight=args.fp_weight, fp_t_max=args.fp_t_max,
-                       fp_scale=args.fp_scale, t_power=args.t_power, seed=args.seed, **extra)
+                       fp_scale=args.fp_scale, tsm_precision=args.tsm_precision,
+                       t_power=args.t_power, seed=args.seed, **extra)
 
 
 def _train_arguments(p) -> None:

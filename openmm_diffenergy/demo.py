@@ -63,8 +63,8 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
     import mdtraj
 
     from . import plots
-    from .ala2 import load_reference, phi_psi, phi_psi_js
-    from .alanine import alanine_system, is_l_chiral
+    from .ala2 import load_reference, phi_psi, phi_psi_js, reference_system
+    from .alanine import is_l_chiral
     from .compare import compare_energies
     from .io import atomic_write, load_model
     from .reweighting import reweight_iid, reweight_md
@@ -80,7 +80,7 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
     ref = load_reference(data)
     top = ref.topology.to_openmm()
     temperature = float(ref.settings.get("temperature", 300.0))
-    system = alanine_system(top, ref.settings.get("solvent", "vacuum"), constraints=None)
+    system = reference_system(ref)
     net = load_model(model, n_particles=system.getNumParticles())
     l_chiral = lambda x: is_l_chiral(top, x)  # noqa: E731
     common = dict(temperature=temperature, topology=top, condition=l_chiral, seed=seed,

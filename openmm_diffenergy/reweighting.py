@@ -44,7 +44,7 @@ from .flow import denoise as _denoise_step
 from .openmm_force import _quantity, create_force, kt_kj_per_mol
 
 __all__ = ["log_importance_weights", "importance_weights", "ess", "potential_energies",
-           "reduced_energies", "model_energies", "collective_variable", "FreeEnergyProfile",
+           "potential_forces", "reduced_energies", "model_energies", "collective_variable", "FreeEnergyProfile",
            "free_energy_profile", "profile_rmse", "sample_with_likelihood", "flow_log_density",
            "mirror_fold", "folded_log_density", "run_learned_md",
            "ReweightingResult", "reweight_iid", "reweight_md", "FreeEnergyDifference",
@@ -216,6 +216,25 @@ def ess(log_w) -> float:
 
 # --------------------------------------------------------------------------- energies
 
+def _evaluate(system, xyz, platform, groups, progress, forces):
+    if not isinstance(system, openmm.System):
+        raise ValueError(f"system must be an openmm.System, got {type(system).__name__}")
+    arr = _positions(xyz, system.getNumParticles())
+    ctx = openmm.Context(system, openmm.VerletIntegrator(1.0 * unit.femtoseconds),
+                         openmm.Platform.getPlatformByName(platform))
+    kwargs = {} if groups is None else {"groups": set(int(g) for g in groups)}
+    out = np.empty((len(arr), arr.shape[1], 3) if forces else len(arr))
+    for i in tqdm(range(len(arr)), desc="classical forces" if forces else "classical energies",
+                  disable=not progress, leave=False):
+        ctx.setPositions(arr[i])
+        state = ctx.getState(getEnergy=not forces, getForces=forces, **kwargs)
+        out[i] = (state.getForces(asNumpy=True).value_in_unit(
+            unit.kilojoule_per_mole / unit.nanometer) if forces else
+            state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+    del ctx
+    return out
+
+
 def potential_energies(system: openmm.System, xyz, platform: str = "Reference",
                        groups=None, progress: bool = False) -> np.ndarray:
     """Potential energy of every frame under an OpenMM System.
@@ -236,20 +255,38 @@ def potential_energies(system: openmm.System, xyz, platform: str = "Reference",
     numpy.ndarray, shape (F,)
         kJ/mol. Overlapping atoms may give ``+inf`` (zero Boltzmann weight).
     """
-    if not isinstance(system, openmm.System):
-        raise ValueError(f"system must be an openmm.System, got {type(system).__name__}")
-    arr = _positions(xyz, system.getNumParticles())
-    ctx = openmm.Context(system, openmm.VerletIntegrator(1.0 * unit.femtoseconds),
-                         openmm.Platform.getPlatformByName(platform))
-    kwargs = {} if groups is None else {"groups": set(int(g) for g in groups)}
-    out = np.empty(len(arr))
-    for i in tqdm(range(len(arr)), desc="classical energies", disable=not progress,
-                  leave=False):
-        ctx.setPositions(arr[i])
-        out[i] = ctx.getState(getEnergy=True, **kwargs).getPotentialEnergy().value_in_unit(
-            unit.kilojoule_per_mole)
-    del ctx
+    out = _evaluate(system, xyz, platform, groups, progress, forces=False)
     return np.where(np.isnan(out), np.inf, out)
+
+
+def potential_forces(system: openmm.System, xyz, platform: str = "Reference",
+                     groups=None, progress: bool = False) -> np.ndarray:
+    """Forces ``-grad u`` on every particle of every frame under an OpenMM System.
+
+    Divided by ``kT`` they are the data scores ``grad log p_0`` that target score
+    matching (:class:`~openmm_diffenergy.training.TrainConfig`) trains on.
+
+    Parameters
+    ----------
+    system, xyz, platform, groups, progress
+        As in :func:`potential_energies`.
+
+    Returns
+    -------
+    numpy.ndarray, shape (F, N, 3)
+        kJ/mol/nm.
+
+    Raises
+    ------
+    ValueError
+        If a force is NaN or infinite (overlapping atoms).
+    """
+    out = _evaluate(system, xyz, platform, groups, progress, forces=True)
+    bad = ~np.isfinite(out).all(axis=(1, 2))
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} frames have non-finite forces (first: frame "
+                         f"{int(np.flatnonzero(bad)[0])}); overlapping atoms?")
+    return out
 
 
 def reduced_energies(system: openmm.System, xyz, temperature=300.0 * unit.kelvin,

@@ -9,6 +9,15 @@ et al. 2025) is penalized; the unknown ``d_t log Z(t)`` is removed by centring t
 residual over samples that share a time (batch centring), and ``div s`` is estimated with
 one Rademacher probe.
 
+With data scores ``g_0 = grad log p_0(y_0)`` (for Boltzmann data, forces over ``kT``) the
+regression target becomes the mixture of target score matching (De Bortoli et al. 2024)
+and DSM, ``kappa g_0 / alpha - (1 - kappa) eps / sigma`` with
+``kappa = alpha^2 / (alpha^2 + sigma^2 P)``. Both terms have the true score
+``grad log p_t(y_t)`` as their conditional mean, so the minimizer is unchanged; the mixture
+is exact (zero variance) for a Gaussian of precision ``P`` and keeps the variance of the
+target of order one at every t, where DSM's grows like ``1 / sigma^2`` as ``t -> 0``.
+That is what lets the small times, where the learned energy is read, be learned.
+
 Training writes atomic checkpoints (model, EMA, optimizer, step, RNG state, history)
 and resumes from them.
 """
@@ -18,7 +27,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -57,6 +66,11 @@ class TrainConfig:
         ``"none"`` squares the raw residual; ``"sigma2"`` multiplies it by ``sigma(t)^2``
         first. Near ``t_min`` raw residuals are of order ``D / sigma^2`` (1e3 to 1e4 for
         alanine dipeptide at ``t = 1e-3``) and swamp the DSM loss; scaled ones are O(1).
+    tsm_precision : float, optional
+        ``P`` of the target-score mixture (model units, 1 / length_scale^2), used only when
+        :func:`train` gets ``scores``. ``None`` takes the largest per-coordinate mean of
+        ``g_0^2`` over the data, about the precision of the stiffest mode, so that DSM takes
+        over once the noise is wider than that mode.
     checkpoint_every : int
     seed : int
     """
@@ -71,6 +85,7 @@ class TrainConfig:
     fp_times: int = 8
     fp_t_max: float = 1.0
     fp_scale: str = "none"
+    tsm_precision: float | None = None
     checkpoint_every: int = 500
     seed: int = 0
     history: list = field(default_factory=list, repr=False)
@@ -85,8 +100,12 @@ def _score(model, y, t, create_graph=True):
     return -g, e
 
 
-def dsm_loss(model, sde, y0: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
+def dsm_loss(model, sde, y0: torch.Tensor, t: torch.Tensor, generator=None,
+             g0: torch.Tensor | None = None, precision: float | None = None) -> torch.Tensor:
     """Denoising score-matching loss ``mean |sigma s(y_t, t) + eps|^2 / D``.
+
+    With data scores ``g0`` the target is the TSM/DSM mixture of the module docstring:
+    ``mean |sigma s - kappa sigma g0 / alpha + (1 - kappa) eps|^2 / D``.
 
     Parameters
     ----------
@@ -95,13 +114,22 @@ def dsm_loss(model, sde, y0: torch.Tensor, t: torch.Tensor, generator=None) -> t
     y0 : torch.Tensor, shape (B, dim)
         Centred model coordinates.
     t : torch.Tensor, shape (B,)
+    g0 : torch.Tensor, shape (B, dim), optional
+        ``grad log p_0`` at ``y0`` in model units, centred.
+    precision : float, optional
+        ``P`` of the mixture weight; required with ``g0``.
     """
     eps = subspace_noise(y0.shape, model.n_particles, generator=generator, dtype=y0.dtype)
     a = sde.alpha(t)[:, None].to(y0.dtype)
     s = sde.sigma(t)[:, None].to(y0.dtype)
     yt = (a * y0 + s * eps).detach().requires_grad_(True)
     score, _ = _score(model, yt, t)
-    return ((s * score + eps) ** 2).sum(-1).mean() / model.dof
+    if g0 is None:
+        r = s * score + eps
+    else:
+        kappa = a * a / (a * a + s * s * precision)
+        r = s * score - kappa * s * g0 / a + (1 - kappa) * eps
+    return (r ** 2).sum(-1).mean() / model.dof
 
 
 def fp_residual(model, sde, y: torch.Tensor, t: torch.Tensor, probes: int | None = 1,
@@ -134,7 +162,8 @@ def fp_residual(model, sde, y: torch.Tensor, t: torch.Tensor, probes: int | None
 
 
 def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None = None,
-          checkpoint: str | None = None, progress: bool = True, log=print):
+          checkpoint: str | None = None, progress: bool = True, log=print,
+          scores: torch.Tensor | None = None):
     """Train an energy model on positions by denoising score matching.
 
     Parameters
@@ -151,11 +180,18 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
     progress : bool
     log : callable
         Receives one line of text per log interval.
+    scores : torch.Tensor, shape (F, N, 3), optional
+        ``grad log p_0`` of every configuration in 1/nm: for Boltzmann-distributed data,
+        forces (kJ/mol/nm) divided by ``kT`` (kJ/mol), e.g. from
+        :func:`~openmm_diffenergy.reweighting.potential_forces`. For mapped (coarse-grained)
+        data, mapped forces work too: their conditional mean is the mean force. Switches
+        the loss to the TSM/DSM mixture.
 
     Returns
     -------
     dict
-        ``history`` (step, loss, fp, seconds) and the final ``config``.
+        ``history`` (step, loss, fp, seconds) and the final ``config`` (with the
+        ``tsm_precision`` used).
     """
     config = config or TrainConfig()
     sde = sde or model.sde
@@ -170,6 +206,21 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
         raise ValueError("positions hold NaN or inf values")
     y_all = centre(positions.reshape(positions.shape[0], -1).float(), model.n_particles)
     y_all = y_all / model.length_scale
+    g_all = None
+    if scores is not None:
+        if tuple(scores.shape) != tuple(positions.shape):
+            raise ValueError(f"scores have shape {tuple(scores.shape)}; expected "
+                             f"{tuple(positions.shape)}, one per position")
+        if not torch.isfinite(scores).all():
+            raise ValueError("scores hold NaN or inf values")
+        g_all = centre(scores.reshape(scores.shape[0], -1).float(), model.n_particles)
+        g_all = g_all * model.length_scale
+        if config.tsm_precision is None:
+            config = replace(config, tsm_precision=float(g_all.pow(2).mean(0).max()))
+        if not (math.isfinite(config.tsm_precision) and config.tsm_precision > 0):
+            raise ValueError(f"tsm_precision must be positive, got {config.tsm_precision}")
+        log(f"target score matching: data scores given, precision P = "
+            f"{config.tsm_precision:.4g} (model units)")
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(k, config.steps)
@@ -202,7 +253,8 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
         y0 = y_all[idx]
         u = torch.rand(config.batch_size, generator=gen) ** config.t_power
         t = config.t_eps + (1 - config.t_eps) * u
-        loss = dsm_loss(model, sde, y0, t, gen)
+        loss = dsm_loss(model, sde, y0, t, gen, g0=None if g_all is None else g_all[idx],
+                        precision=config.tsm_precision)
         fp = torch.zeros(())
         if config.fp_weight > 0:
             k = config.fp_times
@@ -247,7 +299,7 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
 
 def train_and_save(model, positions: torch.Tensor, out: str, config: TrainConfig | None = None,
                    header=(), progress: bool = True, training_info: dict | None = None,
-                   **metadata) -> dict:
+                   scores: torch.Tensor | None = None, **metadata) -> dict:
     """Train a model with checkpoints beside ``out``, save it there, and log the run.
 
     The checkpoint is ``<out>.ckpt`` (a rerun resumes from it) and the log, appended to,
@@ -268,6 +320,8 @@ def train_and_save(model, positions: torch.Tensor, out: str, config: TrainConfig
         Show a progress bar.
     training_info : dict, optional
         Extra entries for the ``training`` metadata (data file, frames, command).
+    scores : torch.Tensor, shape (F, N, 3), optional
+        Data scores for target score matching (see :func:`train`).
     **metadata
         Stored in the model file (masses, temperature, particle selection, ...).
 
@@ -286,7 +340,7 @@ def train_and_save(model, positions: torch.Tensor, out: str, config: TrainConfig
         for line in header:
             log(line)
         result = train(model, positions, config=config, checkpoint=out + ".ckpt",
-                       progress=progress, log=log)
+                       progress=progress, log=log, scores=scores)
         save_model(model, out, **metadata,
                    training={**result["config"], "history": result["history"][-5:],
                              **(training_info or {})})

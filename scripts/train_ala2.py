@@ -20,7 +20,8 @@ import openmm_diffenergy as de  # noqa: E402
 from openmm_diffenergy.cli import (add_model_arguments, add_train_config_arguments,  # noqa: E402
                                    train_config)
 from openmm_diffenergy.training import train_and_save  # noqa: E402
-from openmm_diffenergy.ala2 import load_reference, particle_bonds, selection  # noqa: E402
+from openmm_diffenergy.ala2 import (load_reference, particle_bonds, reference_scores,  # noqa: E402
+                                   selection)
 from openmm_diffenergy.models.prior import fit_prior  # noqa: E402
 
 
@@ -32,6 +33,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     add_model_arguments(ap)
     add_train_config_arguments(ap)
+    ap.add_argument("--scores", choices=["none", "amber"], default="none",
+                    help="amber: train on target scores too, the amber14 forces / kT of the "
+                         "reference frames (TSM/DSM mixture; see openmm_diffenergy.training)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args(argv)
     command = "python scripts/train_ala2.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -50,13 +54,20 @@ def main(argv=None):
                               length_scale=length_scale, t_min=args.t_min, seed=args.seed,
                               prior=prior, net_t_floor=args.net_t_floor)
     config = train_config(args)
+    scores = None
+    if args.scores == "amber":
+        # one selected atom per particle: the mean force on a kept atom is the
+        # conditional mean of its atomic force, so the same scores serve the CG model
+        scores = torch.tensor(reference_scores(ref)[:, sel], dtype=torch.float32)
     masses = [float(ref.masses[i]) for i in sel]
     header = [f"command: {command}",
               f"data: {args.data}, {len(xyz)} frames; particles {len(sel)}; length scale "
-              f"{length_scale:.4f} nm; torsions {len(torsions)}"]
+              f"{length_scale:.4f} nm; torsions {len(torsions)}; scores {args.scores}"]
     result = train_and_save(model, xyz, args.out, config=config, header=header,
                             training_info={"data": os.path.basename(args.data),
-                                           "frames": len(xyz), "command": command},
+                                           "frames": len(xyz), "command": command,
+                                           "scores": args.scores},
+                            scores=scores,
                             masses=masses, temperature=300.0, kind=args.kind,
                             particle_selection=[int(i) for i in sel],
                             atom_names=[ref.atom_names[i] for i in sel])

@@ -199,6 +199,16 @@ def pair_system(k=K_BOND):
     return system
 
 
+def test_potential_forces_of_a_harmonic_pair():
+    x = np.random.default_rng(0).normal(0, 0.1, (5, 2, 3))
+    f = de.potential_forces(pair_system(), x)
+    assert f.shape == (5, 2, 3)
+    np.testing.assert_allclose(f[:, 1], -K_BOND * (x[:, 1] - x[:, 0]), rtol=1e-6)
+    np.testing.assert_allclose(f[:, 0], -f[:, 1], rtol=1e-6)
+    with pytest.raises(ValueError, match="3 atoms per frame but the System"):
+        de.potential_forces(pair_system(), np.zeros((2, 3, 3)))
+
+
 def distance(x):
     return np.linalg.norm(x[:, 1] - x[:, 0], axis=-1)
 

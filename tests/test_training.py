@@ -196,3 +196,45 @@ def test_net_t_floor_freezes_the_network_below_the_floor():
         torch.testing.assert_close(traced(y, torch.full((5,), t)), floored(y, torch.full((5,), t)))
     with pytest.raises(ValueError, match="net_t_floor"):
         de.MoleculeEnergy(4, [], net_t_floor=1.5)
+
+
+def test_target_score_mixture_is_exact_for_a_gaussian():
+    # data N(mu, v I): with P = 1/v the TSM/DSM target equals the true score for every
+    # noise draw, so the exact model's loss vanishes where plain DSM's is of order one;
+    # P -> inf gives DSM back, and the exact score still beats a wrong one at other P
+    v, mu = 0.04, torch.tensor([[0.3, -0.2, 0.1]], dtype=torch.float64)
+    gm = de.GaussianMixtureEnergy(mu, torch.tensor([v], dtype=torch.float64))
+    wrong = de.GaussianMixtureEnergy(mu, torch.tensor([2 * v], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    y0 = mu + v ** 0.5 * torch.randn(2000, 3, generator=g, dtype=torch.float64)
+    g0 = -(y0 - mu) / v
+    t = 1e-3 + (1 - 1e-3) * torch.rand(2000, generator=g, dtype=torch.float64)
+
+    def loss(model, **kw):
+        return float(de.dsm_loss(model, gm.sde, y0, t, torch.Generator().manual_seed(5),
+                                **kw).detach())
+
+    assert loss(gm, g0=g0, precision=1 / v) < 1e-20
+    dsm = loss(gm)
+    assert dsm > 0.05
+    assert loss(gm, g0=g0, precision=1e12) == pytest.approx(dsm, rel=1e-6)
+    assert loss(gm, g0=g0, precision=3.0) < loss(wrong, g0=g0, precision=3.0)
+
+
+def test_train_with_scores_estimates_the_precision():
+    # isotropic data of std 0.01 nm around a fixed shape: scores -(x - base) / 1e-4 nm^-2;
+    # in model units (x 0.3 nm) the centred per-coordinate mean square is 0.09 * 3/4 * 1e4
+    x = tiny_data(2000)
+    base = tiny_data(1) * 0 + x.mean(0)
+    scores = -(x - base) / 1e-4
+    lines = []
+    out = de.train(tiny_model(), x, config=de.TrainConfig(steps=2, batch_size=8),
+                   progress=False, log=lines.append, scores=scores)
+    assert out["config"]["tsm_precision"] == pytest.approx(675, rel=0.12)
+    assert any("precision P" in line for line in lines)
+    with pytest.raises(ValueError, match="scores have shape"):
+        de.train(tiny_model(), x, progress=False, scores=scores[:10])
+    bad = scores.clone()
+    bad[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="scores hold NaN"):
+        de.train(tiny_model(), x, progress=False, scores=bad)
