@@ -798,6 +798,13 @@ def _train_arguments(p) -> None:
                    help="JSON file of bead groups (lists of atom indices), each bead at its "
                         "group's centre of mass; overrides --mapping")
     p.add_argument("--stride", type=positive_int, default=1, help="keep every n-th frame")
+    p.add_argument("--scores-system", default=None,
+                   help="OpenMM System XML of the trajectory's atoms: its forces / kT at the "
+                        "frames (summed over each bead's group) train the model as target "
+                        "scores too (TSM/DSM mixture; see --tsm-precision)")
+    p.add_argument("--scores-forcefield", nargs="+", default=None,
+                   help="like --scores-system, with the System built from OpenMM force-field "
+                        "files (NoCutoff, no constraints), e.g. amber14-all.xml")
     add_model_arguments(p)
     p.add_argument("--torsions", choices=["auto", "none"], default="auto",
                    help="auto: cos/sin of every proper torsion of the particles' bond graph "
@@ -853,6 +860,34 @@ def _training_frames(args):
     return traj, load_training_data(traj, mapping=mapping, stride=args.stride)
 
 
+def _training_scores(args, traj, cg):
+    """Mapped forces / kT of the training frames, from ``--scores-system``."""
+    import torch
+
+    from .openmm_force import kt_kj_per_mol
+    from .reweighting import potential_forces
+    from .serialization import deserialize_system
+
+    if args.scores_system and args.scores_forcefield:
+        raise ValueError("give --scores-system or --scores-forcefield, not both")
+    if args.scores_system:
+        if not os.path.isfile(args.scores_system):
+            raise FileNotFoundError(f"no such file: {args.scores_system}")
+        with open(args.scores_system) as fh:
+            system = deserialize_system(fh.read())
+    else:
+        from openmm import app
+
+        system = app.ForceField(*args.scores_forcefield).createSystem(
+            traj.topology.to_openmm(), nonbondedMethod=app.NoCutoff, constraints=None)
+    if system.getNumParticles() != traj.n_atoms:
+        raise ValueError(f"the scores System has {system.getNumParticles()} particles; the "
+                         f"trajectory has {traj.n_atoms} atoms")
+    forces = potential_forces(system, traj.xyz[::args.stride], progress=not args.no_progress)
+    return torch.tensor(cg.map_forces(forces) / kt_kj_per_mol(args.temperature),
+                        dtype=torch.float32)
+
+
 def _train_run(args) -> int:
     import numpy as np
     from openmm import app, unit
@@ -882,6 +917,9 @@ def _train_run(args) -> int:
                            prior=prior, net_t_floor=args.net_t_floor)
     config = train_config(args, t_eps=args.t_eps, ema_decay=args.ema_decay,
                           checkpoint_every=args.checkpoint_every)
+    scores = None
+    if args.scores_system or args.scores_forcefield:
+        scores = _training_scores(args, traj, cg)
     pdb = io.StringIO()
     app.PDBFile.writeFile(cg.topology, data.positions[0].double().numpy() * unit.nanometer, pdb)
     atoms = list(traj.topology.atoms)
@@ -902,7 +940,10 @@ def _train_run(args) -> int:
             model, data.positions, args.out, config=config, header=header,
             progress=not args.no_progress,
             training_info={"data": [os.path.basename(f) for f in args.trajectories],
-                           "frames": len(data.positions), "command": command}, **meta)
+                           "frames": len(data.positions), "command": command,
+                           "scores": (os.path.basename(args.scores_system)
+                                      if args.scores_system else args.scores_forcefield)},
+            scores=scores, **meta)
     except (RuntimeError, KeyError) as err:
         if os.path.exists(ckpt):
             raise ValueError(f"cannot resume from {ckpt}: it belongs to another model or "

@@ -86,6 +86,37 @@ class CoarseGraining:
                              f"{self.atom_topology.n_atoms}, 3)")
         return np.einsum("ka,...ac->...kc", self._weights, xyz)
 
+    def map_forces(self, forces) -> np.ndarray:
+        """Bead forces from atom forces: the sum over each bead's group.
+
+        For non-overlapping groups this is a valid force map (Noid et al. 2008): its
+        conditional mean given the bead positions is the mean force, so mapped forces
+        over ``kT`` serve as data scores for target score matching.
+
+        Parameters
+        ----------
+        forces : array-like, shape (F, n_atoms, 3) or (n_atoms, 3)
+            Any force unit; the result has the same.
+
+        Returns
+        -------
+        numpy.ndarray, shape (F, n_beads, 3) (or (n_beads, 3) for one frame)
+
+        Raises
+        ------
+        ValueError
+            If the shape is wrong or the groups share atoms.
+        """
+        forces = np.asarray(forces, dtype=float)
+        if forces.shape[-2:] != (self.atom_topology.n_atoms, 3):
+            raise ValueError(f"forces of shape {forces.shape}; expected (..., "
+                             f"{self.atom_topology.n_atoms}, 3)")
+        members = np.concatenate(self.groups)
+        if len(np.unique(members)) != len(members):
+            raise ValueError("bead groups share atoms; summed forces are not a valid force "
+                             "map for overlapping groups")
+        return np.einsum("ka,...ac->...kc", (self._weights > 0).astype(float), forces)
+
     def create_system(self) -> openmm.System:
         """An ``openmm.System`` of the beads with their masses and no forces."""
         system = openmm.System()

@@ -102,6 +102,22 @@ def test_train_from_npz_with_bead_groups(work, tmp_path, capsys):
     assert de.load_model(out).config()["hidden"] == 12
 
 
+def test_train_with_force_field_scores(work, tmp_path, capsys):
+    out = str(tmp_path / "tsm.pt")
+    args = ["train", work["npz"], "--mapping", "heavy", "--out", out, "--steps", "5",
+            "--hidden", "8", "--layers", "1", "--batch-size", "8", "--no-progress", "--no-png"]
+    assert main(args + ["--scores-forcefield", "amber14-all.xml"]) == 0
+    assert "precision P" in open(out + ".log").read()
+    assert de.load_model(out).metadata["training"]["scores"] == ["amber14-all.xml"]
+    beads = tmp_path / "overlap.json"
+    beads.write_text(json.dumps([[0, 1, 4], [4, 6, 8]]))
+    assert main(args + ["--beads", str(beads), "--fresh",
+                        "--scores-forcefield", "amber14-all.xml"]) == 1
+    assert "share atoms" in _error_line(capsys, "train")
+    assert main(args + ["--fresh", "--scores-system", str(tmp_path / "nope.xml")]) == 1
+    assert "no such file" in _error_line(capsys, "train")
+
+
 def _energy(module_or_system, positions):
     if isinstance(module_or_system, openmm.System):
         system = module_or_system

@@ -228,6 +228,12 @@ def test_coarse_grained_system_and_md(villin, tmp_path):
                                (villin.xyz[0, g0] * m[g0, None]).sum(0) / m[g0].sum(),
                                rtol=1e-6)
     assert cg_res.masses[0] == pytest.approx(m[g0].sum())
+    # forces map by summing over groups; a selection keeps the selected atoms' forces
+    f = np.random.default_rng(1).normal(size=(2, villin.n_atoms, 3))
+    np.testing.assert_allclose(cg_res.map_forces(f)[:, 0], f[:, g0].sum(1))
+    np.testing.assert_allclose(cg.map_forces(f), f[:, villin.topology.select("name CA")])
+    with pytest.raises(ValueError, match="share atoms"):
+        de.CoarseGraining(villin.topology, [[0, 1], [1, 2]]).map_forces(f)
     # CG MD with a learned force (a random network), written by standard reporters
     system = cg.create_system()
     model = de.DistanceMLPEnergy(n, hidden=16, seed=0, length_scale=1.0)
