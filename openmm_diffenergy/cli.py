@@ -750,10 +750,22 @@ def add_model_arguments(p) -> None:
     p.add_argument("--net-t-floor", type=nonnegative_float, default=0.0,
                    help="the network sees max(t, floor); below it only the Gaussian term and "
                         "the prior depend on t (0: off)")
+    p.add_argument("--sigma-out", type=positive_float, default=0.01,
+                   help="floor of the network's output scale 1/sqrt(sigma^2 + sigma_out^2), "
+                        "model units")
+    p.add_argument("--log-sigma-feature", action="store_true",
+                   help="give the network log(sigma(t)) as well, which resolves small t")
     p.add_argument("--prior", choices=["fit", "none"], default="fit",
                    help="fit: add a harmonic prior on bond and 1-3 distances and signed volumes, "
                         "measured on the diffused training data (holds bonds and chirality); "
                         "none: the network and a Gaussian baseline only")
+
+
+def model_options(args) -> dict:
+    """MoleculeEnergy keyword arguments from :func:`add_model_arguments` options."""
+    return dict(hidden=args.hidden, layers=args.layers, t_min=args.t_min,
+                net_t_floor=args.net_t_floor, sigma_out=args.sigma_out,
+                log_sigma_feature=args.log_sigma_feature)
 
 
 def add_train_config_arguments(p) -> None:
@@ -771,6 +783,7 @@ def add_train_config_arguments(p) -> None:
     p.add_argument("--tsm-precision", type=positive_float, default=None,
                    help="P of the target-score/DSM mixture when data scores are given "
                         "(default: estimated from the scores)")
+    p.add_argument("--t-eps", type=positive_float, default=1e-3, help="smallest training time")
     p.add_argument("--t-power", type=positive_float, default=1.0,
                    help="training times t_eps + (1 - t_eps) u^p: p > 1 favours small t")
     p.add_argument("--seed", type=int, default=0, help="weights, batches and noise")
@@ -783,7 +796,7 @@ def train_config(args, **extra):
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        fp_weight=args.fp_weight, fp_t_max=args.fp_t_max,
                        fp_scale=args.fp_scale, tsm_precision=args.tsm_precision,
-                       t_power=args.t_power, seed=args.seed, **extra)
+                       t_eps=args.t_eps, t_power=args.t_power, seed=args.seed, **extra)
 
 
 def _train_arguments(p) -> None:
@@ -810,7 +823,6 @@ def _train_arguments(p) -> None:
                    help="auto: cos/sin of every proper torsion of the particles' bond graph "
                         "(needed to tell mirror images apart)")
     add_train_config_arguments(p)
-    p.add_argument("--t-eps", type=positive_float, default=1e-3, help="smallest training time")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights")
     p.add_argument("--checkpoint-every", type=positive_int, default=500,
                    help="steps between checkpoints (<out>.ckpt; a rerun resumes from it)")
@@ -912,10 +924,9 @@ def _train_run(args) -> int:
     prior = None
     if args.prior == "fit" and bonds:
         prior = fit_prior(data.positions, bonds, data.length_scale, VPSDE(), seed=args.seed)
-    model = MoleculeEnergy(n, torsions, hidden=args.hidden, layers=args.layers,
-                           length_scale=data.length_scale, t_min=args.t_min, seed=args.seed,
-                           prior=prior, net_t_floor=args.net_t_floor)
-    config = train_config(args, t_eps=args.t_eps, ema_decay=args.ema_decay,
+    model = MoleculeEnergy(n, torsions, length_scale=data.length_scale, seed=args.seed,
+                           prior=prior, **model_options(args))
+    config = train_config(args, ema_decay=args.ema_decay,
                           checkpoint_every=args.checkpoint_every)
     scores = None
     if args.scores_system or args.scores_forcefield:

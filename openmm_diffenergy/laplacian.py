@@ -10,7 +10,7 @@ term ``L`` through the network:
   12 coordinates of each torsion (:func:`openmm_diffenergy.ops.torsion_jet`); time
   features have no spatial derivative;
 - each SiLU layer: the fused rule of :mod:`openmm_diffenergy.ops`;
-- the linear read-out, the ``1/sqrt(sigma^2 + 1e-4)`` output scale and the Gaussian
+- the linear read-out, the ``1/c(t)`` output scale and the Gaussian
   baseline ``|y_c|^2 / (2 v)``, whose Laplacian on ``R^{3N}`` is ``3 (N - 1) / v``;
 - where the model has one, its fitted prior term (a cheap quadratic in distances and
   signed volumes), by ``torch.func``, and signed volumes as network inputs (analytic).
@@ -181,9 +181,9 @@ def _feature_jet(model, p, t, directions):
         values.append(vv)
         firsts.append(vfirst)
         seconds.append(vsecond)
-    tt = _network_time(model, t).to(p.dtype)[:, None]
-    values += [tt, torch.sin(tt * model.frequencies), torch.cos(tt * model.frequencies)]
-    n_time = 1 + 2 * model.frequencies.shape[0]
+    tf = model.time_features(_network_time(model, t).to(p.dtype))
+    values.append(tf)
+    n_time = tf.shape[1]
     seconds.append(p.new_zeros(B, n_time))
     h, second = torch.cat(values, 1), torch.cat(seconds, 1)
     if directions is not None:
@@ -262,7 +262,7 @@ def forward_laplacian(model, y: torch.Tensor, t: torch.Tensor, directions=None):
         s2 = model.sde.sigma2(tt)
         v = model.sde.alpha(tt) ** 2 + s2
         if model._scale_output:
-            c = torch.sqrt(model.sde.sigma2(_network_time(model, t).to(dt)) + 1e-4)
+            c = model.output_denominator(_network_time(model, t).to(dt))
             energy, cols, second = energy / c, cols / c[:, None], second / c
         yc = p - p.mean(dim=1, keepdim=True)
         energy = energy + 0.5 * (yc * yc).sum((1, 2)) / v

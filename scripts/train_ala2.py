@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import openmm_diffenergy as de  # noqa: E402
 from openmm_diffenergy.cli import (add_model_arguments, add_train_config_arguments,  # noqa: E402
-                                   train_config)
+                                   model_options, train_config)
 from openmm_diffenergy.training import train_and_save  # noqa: E402
 from openmm_diffenergy.ala2 import (load_reference, particle_bonds, reference_scores,  # noqa: E402
                                    selection)
@@ -50,9 +50,8 @@ def main(argv=None):
     if args.prior == "fit":
         prior = fit_prior(xyz, particle_bonds(ref.topology, sel), length_scale, de.VPSDE(),
                           seed=args.seed)
-    model = de.MoleculeEnergy(len(sel), torsions, hidden=args.hidden, layers=args.layers,
-                              length_scale=length_scale, t_min=args.t_min, seed=args.seed,
-                              prior=prior, net_t_floor=args.net_t_floor)
+    model = de.MoleculeEnergy(len(sel), torsions, length_scale=length_scale, seed=args.seed,
+                              prior=prior, **model_options(args))
     config = train_config(args)
     scores = None
     if args.scores == "amber":

@@ -32,7 +32,7 @@ def _randomize(model, seed):
     return model
 
 
-def molecule(n=6, dtype=torch.float64, seed=0, prior=False, floor=0.0):
+def molecule(n=6, dtype=torch.float64, seed=0, prior=False, floor=0.0, **options):
     bonds = [(i, i + 1) for i in range(n - 1)] + [(1, n - 1)]      # atom 1 branches
     torsions = de.torsion_quadruples(bonds, n)
     config = None
@@ -44,7 +44,7 @@ def molecule(n=6, dtype=torch.float64, seed=0, prior=False, floor=0.0):
         config = {"pairs": pairs, "centres": centres, "mean": torch.rand(shape, generator=g),
                   "var": 0.5 + torch.rand(shape, generator=g)}
     m = de.MoleculeEnergy(n, torsions=torsions, hidden=24, layers=3, n_frequencies=3, seed=seed,
-                          prior=config, net_t_floor=floor)
+                          prior=config, net_t_floor=floor, **options)
     return _randomize(m, seed).to(dtype)
 
 
@@ -57,12 +57,18 @@ def molecule_floor(dtype=torch.float64, seed=0):
     return molecule(dtype=dtype, seed=seed, prior=True, floor=0.5)
 
 
+def molecule_log_sigma(dtype=torch.float64, seed=0):
+    """The log-sigma time feature and a wider output floor."""
+    return molecule(dtype=dtype, seed=seed, prior=True, log_sigma_feature=True, sigma_out=0.05)
+
+
 def distance_mlp(n=5, dtype=torch.float64, seed=0):
     return _randomize(de.DistanceMLPEnergy(n, hidden=20, layers=2, seed=seed), seed).to(dtype)
 
 
 MODELS = {"molecule": molecule, "molecule_prior": molecule_prior,
-          "molecule_floor": molecule_floor, "distance_mlp": distance_mlp}
+          "molecule_floor": molecule_floor, "molecule_log_sigma": molecule_log_sigma,
+          "distance_mlp": distance_mlp}
 
 
 def batch(model, b=5, dtype=torch.float64, seed=1):

@@ -79,15 +79,19 @@ class DistanceMLPEnergy(EnergyModel):
         config["dtype"] = getattr(torch, config["dtype"])
         return cls(**config)
 
+    def time_features(self, t: torch.Tensor) -> torch.Tensor:
+        """Network inputs of the time ``t`` (B,): ``t`` and its Fourier features, (B, 1 + 2K)."""
+        tt = t[:, None]
+        return torch.cat([tt, torch.sin(tt * self.frequencies),
+                          torch.cos(tt * self.frequencies)], dim=-1)
+
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Energy in kT of model coordinates ``y`` (B, 3N) at times ``t`` (B,)."""
         dt = self.frequencies.dtype
         p = y.to(dt).reshape(y.shape[0], -1, 3)
         d = p[:, self.pair_i] - p[:, self.pair_j]
         dist = torch.sqrt((d * d).sum(-1) + self.eps ** 2)
-        tt = t.to(dt)[:, None]
-        h = torch.cat([dist, tt, torch.sin(tt * self.frequencies),
-                       torch.cos(tt * self.frequencies)], dim=-1)
+        h = torch.cat([dist, self.time_features(t.to(dt))], dim=-1)
         for lin in self.linears[:-1]:
             h = torch.nn.functional.silu(lin(h))
         return self.linears[-1](h)[:, 0]

@@ -91,7 +91,15 @@ class MoleculeEnergy(EnergyModel):
     sde : LinearSDE, optional
     seed : int, optional
     output_scale : {"sigma", "none"}
-        Divide the network's output by ``c(t)`` (default) or not.
+        Divide the network's output by ``c(t) = sqrt(sigma(t)^2 + sigma_out^2)``
+        (default) or not.
+    sigma_out : float
+        The floor of ``c(t)`` (model units). Below it the network's energy scale is
+        nearly constant in t; the default 0.01 is what the shipped models use.
+    log_sigma_feature : bool
+        Add ``log(sigma(t)) / 4`` to the time features. ``t`` and its Fourier features
+        hardly change over ``t < 0.01``, where ``sigma`` changes tenfold; this feature
+        resolves the small times.
     torsion_soft : float
         Damping of torsion features where atoms are near collinear or overlap (model
         units^4); 0 gives plain cos/sin, whose gradients blow up there.
@@ -115,7 +123,8 @@ class MoleculeEnergy(EnergyModel):
                  n_frequencies: int = 6, length_scale: float = 1.0, t_min: float = 1e-3,
                  sde=None, seed: int | None = None, output_scale: str = "sigma",
                  torsion_soft: float = 0.1, prior: dict | None = None,
-                 net_t_floor: float = 0.0):
+                 net_t_floor: float = 0.0, sigma_out: float = 0.01,
+                 log_sigma_feature: bool = False):
         super().__init__(3 * n_particles, n_particles, length_scale=length_scale, t_min=t_min)
         self.sde = sde if sde is not None else VPSDE()
         torsions = [tuple(int(a) for a in q) for q in torsions]
@@ -127,7 +136,12 @@ class MoleculeEnergy(EnergyModel):
                         "length_scale": self.length_scale, "t_min": self.t_min,
                         "sde": self.sde.config(), "output_scale": output_scale,
                         "torsion_soft": float(torsion_soft), "prior": prior,
-                        "net_t_floor": float(net_t_floor)}
+                        "net_t_floor": float(net_t_floor), "sigma_out": float(sigma_out),
+                        "log_sigma_feature": bool(log_sigma_feature)}
+        if not sigma_out > 0:
+            raise ValueError(f"sigma_out must be positive, got {sigma_out}")
+        self.sigma_out = float(sigma_out)
+        self.log_sigma_feature = bool(log_sigma_feature)
         if not 0.0 <= net_t_floor < 1.0:
             raise ValueError(f"net_t_floor must lie in [0, 1), got {net_t_floor}")
         self.net_t_floor = float(net_t_floor)
@@ -142,7 +156,8 @@ class MoleculeEnergy(EnergyModel):
         self.register_buffer("frequencies", 2 * math.pi * torch.arange(
             1, n_frequencies + 1, dtype=torch.float32))
         n_volumes = 0 if prior is None else len(prior["centres"])
-        n_in = i.shape[0] + 2 * len(torsions) + n_volumes + 1 + 2 * n_frequencies
+        n_in = (i.shape[0] + 2 * len(torsions) + n_volumes + 1 + 2 * n_frequencies
+                + int(self.log_sigma_feature))
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         dims = [n_in] + [hidden] * layers + [1]
         self.linears = torch.nn.ModuleList()
@@ -170,6 +185,8 @@ class MoleculeEnergy(EnergyModel):
         config.setdefault("output_scale", "none")   # files written before the options
         config.setdefault("torsion_soft", 0.0)
         config.setdefault("net_t_floor", 0.0)
+        config.setdefault("sigma_out", 0.01)
+        config.setdefault("log_sigma_feature", False)
         return cls(**config)
 
     def features(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -181,9 +198,20 @@ class MoleculeEnergy(EnergyModel):
             feats.extend(_torsion_cos_sin(p, self.quads, self.eps, self.torsion_soft))
         if self._has_volumes:
             feats.append(self.prior.volumes(p))
-        tt = t.to(p.dtype)[:, None]
-        feats += [tt, torch.sin(tt * self.frequencies), torch.cos(tt * self.frequencies)]
+        feats.append(self.time_features(t.to(p.dtype)))
         return torch.cat(feats, dim=-1)
+
+    def time_features(self, tn: torch.Tensor) -> torch.Tensor:
+        """Network inputs of the (floored) time ``tn`` (B,), shape (B, n_time)."""
+        tt = tn[:, None]
+        feats = [tt, torch.sin(tt * self.frequencies), torch.cos(tt * self.frequencies)]
+        if self.log_sigma_feature:
+            feats.append(0.125 * torch.log(self.sde.sigma2(tt) + 1e-12))
+        return torch.cat(feats, dim=-1)
+
+    def output_denominator(self, tn: torch.Tensor) -> torch.Tensor:
+        """``c(tn) = sqrt(sigma(tn)^2 + sigma_out^2)``, shape of ``tn``."""
+        return torch.sqrt(self.sde.sigma2(tn) + self.sigma_out ** 2)
 
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         """The time the network sees, ``max(t, net_t_floor)`` (shape of ``t``)."""
@@ -202,7 +230,7 @@ class MoleculeEnergy(EnergyModel):
         v = self.sde.alpha(tt) ** 2 + s2
         out = self.linears[-1](h)[:, 0]
         if self._scale_output:
-            out = out / torch.sqrt(self.sde.sigma2(tn.to(h.dtype)) + 1e-4)
+            out = out / self.output_denominator(tn.to(h.dtype))
         out = out + 0.5 * (yc * yc).sum((1, 2)) / v
         if self._has_prior:
             out = out + self.prior(y, t).to(out.dtype)
