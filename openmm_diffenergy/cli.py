@@ -755,6 +755,9 @@ def add_model_arguments(p) -> None:
                         "model units")
     p.add_argument("--log-sigma-feature", action="store_true",
                    help="give the network log(sigma(t)) as well, which resolves small t")
+    p.add_argument("--gain-scales", type=positive_float, nargs="*", default=[],
+                   help="noise scales (model units) at which the prior's gains may change with "
+                        "t, e.g. 0.01 0.03 0.1 (default: constant gains)")
     p.add_argument("--prior", choices=["fit", "none"], default="fit",
                    help="fit: add a harmonic prior on bond and 1-3 distances and signed volumes, "
                         "measured on the diffused training data (holds bonds and chirality); "
@@ -923,7 +926,8 @@ def _train_run(args) -> int:
         os.remove(ckpt)
     prior = None
     if args.prior == "fit" and bonds:
-        prior = fit_prior(data.positions, bonds, data.length_scale, VPSDE(), seed=args.seed)
+        prior = fit_prior(data.positions, bonds, data.length_scale, VPSDE(), seed=args.seed,
+                          gain_scales=args.gain_scales)
     model = MoleculeEnergy(n, torsions, length_scale=data.length_scale, seed=args.seed,
                            prior=prior, **model_options(args))
     config = train_config(args, ema_decay=args.ema_decay,

@@ -101,7 +101,7 @@ def _autograd_jet(fn, y, t, directions):
 def _prior_jet(prior, y, t, directions):
     """The fitted prior ``E = alpha^2/2 sum_f w_f (phi_f - m_f)^2`` of MoleculeEnergy.
 
-    ``phi`` are its distances and signed volumes, ``w_f = g_f / v_f(t)``. Gradient
+    ``phi`` are its distances and signed volumes, ``w_f = g_f(t) / v_f(t)``. Gradient
     ``alpha^2 sum_f w_f r_f grad phi_f`` and Laplacian ``alpha^2 sum_f w_f (|grad phi_f|^2 +
     r_f lap phi_f)`` with ``r = phi - m``, from the feature jets. Returns ``None`` when
     the energy it gives differs from ``prior(y, t)`` (a prior this rule does not know);
@@ -121,8 +121,7 @@ def _prior_jet(prior, y, t, directions):
             part.append(value)
     phi, second = torch.cat(phis, 1), torch.cat(seconds, 1)
     tt = t.to(dt)
-    mean, inv_var = prior.statistics(tt)
-    w = inv_var * prior.log_gain.exp().to(dt) * prior.sde.alpha(tt)[:, None] ** 2
+    mean, w = prior.weights(tt)
     r = phi - mean
     energy = 0.5 * (w * r * r).sum(-1)
     if not torch.allclose(energy, prior(y, t).to(dt), rtol=1e-4, atol=1e-6):

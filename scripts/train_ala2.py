@@ -49,7 +49,7 @@ def main(argv=None):
     prior = None
     if args.prior == "fit":
         prior = fit_prior(xyz, particle_bonds(ref.topology, sel), length_scale, de.VPSDE(),
-                          seed=args.seed)
+                          seed=args.seed, gain_scales=args.gain_scales)
     model = de.MoleculeEnergy(len(sel), torsions, length_scale=length_scale, seed=args.seed,
                               prior=prior, **model_options(args))
     config = train_config(args)

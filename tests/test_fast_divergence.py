@@ -32,7 +32,8 @@ def _randomize(model, seed):
     return model
 
 
-def molecule(n=6, dtype=torch.float64, seed=0, prior=False, floor=0.0, **options):
+def molecule(n=6, dtype=torch.float64, seed=0, prior=False, floor=0.0, gain_scales=(),
+             **options):
     bonds = [(i, i + 1) for i in range(n - 1)] + [(1, n - 1)]      # atom 1 branches
     torsions = de.torsion_quadruples(bonds, n)
     config = None
@@ -42,9 +43,12 @@ def molecule(n=6, dtype=torch.float64, seed=0, prior=False, floor=0.0, **options
         g = torch.Generator().manual_seed(seed)
         shape = (4, len(pairs) + len(centres))
         config = {"pairs": pairs, "centres": centres, "mean": torch.rand(shape, generator=g),
-                  "var": 0.5 + torch.rand(shape, generator=g)}
+                  "var": 0.5 + torch.rand(shape, generator=g), "gain_scales": gain_scales}
     m = de.MoleculeEnergy(n, torsions=torsions, hidden=24, layers=3, n_frequencies=3, seed=seed,
                           prior=config, net_t_floor=floor, **options)
+    if gain_scales:
+        with torch.no_grad():
+            m.prior.gain_coeffs.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed))
     return _randomize(m, seed).to(dtype)
 
 
@@ -62,12 +66,18 @@ def molecule_log_sigma(dtype=torch.float64, seed=0):
     return molecule(dtype=dtype, seed=seed, prior=True, log_sigma_feature=True, sigma_out=0.05)
 
 
+def molecule_gain_t(dtype=torch.float64, seed=0):
+    """Time-dependent prior gains below a floored network time."""
+    return molecule(dtype=dtype, seed=seed, prior=True, floor=0.5, gain_scales=(0.1, 0.5))
+
+
 def distance_mlp(n=5, dtype=torch.float64, seed=0):
     return _randomize(de.DistanceMLPEnergy(n, hidden=20, layers=2, seed=seed), seed).to(dtype)
 
 
 MODELS = {"molecule": molecule, "molecule_prior": molecule_prior,
           "molecule_floor": molecule_floor, "molecule_log_sigma": molecule_log_sigma,
+          "molecule_gain_t": molecule_gain_t,
           "distance_mlp": distance_mlp}
 
 

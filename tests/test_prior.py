@@ -121,3 +121,30 @@ def test_fit_prior_from_positions_in_nm(gen):
         fit_prior(x, [], 0.1, de.VPSDE())
     with pytest.raises(ValueError, match=r"\(F, N, 3\)"):
         fit_prior(x[0], BONDS, 0.1, de.VPSDE())
+
+
+def test_time_dependent_gains(tmp_path, gen):
+    # log g_f(t) = log g_f + sum_k c_fk s_k^2 / (sigma^2 + s_k^2): exact at t = 0 (basis 1)
+    # and t = 1 (basis s^2 / (1 + s^2)); survives save/load; constant gains when no scales
+    pairs, centres = graph_features(BONDS, 6)
+    sde = de.VPSDE()
+    base = FeaturePrior.fit(_data(100, gen), 6, pairs, centres, sde, n_grid=5, n_samples=64)
+    assert base.gain_coeffs is None and "gain_coeffs" not in base.state_dict()
+    cfg = dict(base.config(), gain_scales=[0.05])
+    model = de.MoleculeEnergy(6, [(2, 0, 1, 5)], hidden=16, layers=2, sde=sde, seed=0,
+                              length_scale=0.1, prior=cfg)
+    with torch.no_grad():
+        model.prior.gain_coeffs.fill_(1.0)
+    p = model.prior
+    for t, basis in ((0.0, 1.0), (1.0, 0.0025 / (float(sde.sigma2(torch.tensor(1.0))) + 0.0025))):
+        _, w = p.weights(torch.tensor([t], dtype=torch.float64))
+        mean, inv_var = p.statistics(torch.tensor([t], dtype=torch.float64))
+        expected = inv_var * 0.3 * math.exp(basis) * float(sde.alpha(torch.tensor(t))) ** 2
+        torch.testing.assert_close(w.float(), expected.float(), rtol=1e-5, atol=1e-8)
+    path = str(tmp_path / "g.pt")
+    de.save_model(model, path)
+    back = de.load_model(path)
+    x = (TETRA * 0.1).expand(3, 6, 3).float() + 0.002 * torch.randn(3, 6, 3, generator=gen)
+    torch.testing.assert_close(back.energy(x, 0.001), model.energy(x, 0.001))
+    with pytest.raises(ValueError, match="gain_scales"):
+        FeaturePrior(6, pairs, centres, base.mean, 1 / base.inv_var, sde, gain_scales=[0.0])

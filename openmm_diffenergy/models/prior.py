@@ -12,7 +12,10 @@ a mirror image) and fades out where the data are noise (``alpha -> 0``), so the 
 ``N(0, I)`` at ``t = 1`` is left as it was. The features overlap (a bond and the 1-3
 distances around it constrain the same atoms), so each one alone at its measured variance
 would make the molecule too stiff; the gains ``g_f`` (learned, starting at ``gain``) take
-that out, and a network adds what the prior misses. The statistics are tabulated on a grid
+that out, and a network adds what the prior misses. With ``gain_scales`` ``s_k`` the gains
+depend on t, ``log g_f(t) = log g_f + sum_k c_fk s_k^2 / (sigma(t)^2 + s_k^2)`` (``c``
+learned, starting at 0): each term switches on once the noise is narrower than ``s_k``,
+so stiff coordinates can sharpen at small t even where the network's time is floored. The statistics are tabulated on a grid
 ``t_k = (k / (G - 1))^2`` and interpolated linearly.
 """
 from __future__ import annotations
@@ -93,13 +96,17 @@ class FeaturePrior(torch.nn.Module):
         Supplies ``alpha(t)`` for the fade-out.
     gain : float
         Initial value of every learnable gain ``g_f``.
+    gain_scales : sequence of float
+        Noise scales ``s_k`` (model units) of the gains' time dependence; empty (default)
+        for constant gains.
 
     Use :meth:`fit` to measure ``mean`` and ``var`` from data.
     """
 
     eps = 1e-3
 
-    def __init__(self, n_particles: int, pairs, centres, mean, var, sde, gain: float = 0.3):
+    def __init__(self, n_particles: int, pairs, centres, mean, var, sde, gain: float = 0.3,
+                 gain_scales=()):
         super().__init__()
         pairs = [tuple(int(a) for a in q) for q in pairs]
         centres = [tuple(int(a) for a in q) for q in centres]
@@ -130,12 +137,23 @@ class FeaturePrior(torch.nn.Module):
             raise ValueError(f"gain must be positive, got {gain}")
         self.gain = float(gain)
         self.log_gain = torch.nn.Parameter(torch.full((n_feat,), float(gain)).log())
+        self.gain_scales = [float(v) for v in gain_scales]
+        if any(not v > 0 for v in self.gain_scales):
+            raise ValueError(f"gain_scales must be positive, got {self.gain_scales}")
+        self._has_gain_t = len(self.gain_scales) > 0
+        # derived from the config, so not saved: files of constant-gain priors load as before
+        self.register_buffer("gain_s2", torch.tensor(self.gain_scales, dtype=torch.float32)
+                             ** 2, persistent=False)
+        if self._has_gain_t:
+            self.gain_coeffs = torch.nn.Parameter(torch.zeros(n_feat, len(self.gain_scales)))
+        else:
+            self.register_parameter("gain_coeffs", None)
 
     def config(self) -> dict:
         return {"pairs": [list(q) for q in self.pairs],
                 "centres": [list(q) for q in self.centres],
                 "mean": self.mean.tolist(), "var": (1.0 / self.inv_var).tolist(),
-                "gain": self.gain}
+                "gain": self.gain, "gain_scales": list(self.gain_scales)}
 
     @classmethod
     def fit(cls, y0: torch.Tensor, n_particles: int, pairs, centres, sde, n_grid: int = 48,
@@ -197,17 +215,26 @@ class FeaturePrior(torch.nn.Module):
         inv_var = self.inv_var[k] * (1 - frac) + self.inv_var[k + 1] * frac
         return mean, inv_var
 
+    def weights(self, t: torch.Tensor):
+        """``(mean, w)`` at times ``t`` (B,), each (B, F): ``E = 1/2 sum_f w_f (phi_f - m_f)^2``,
+        ``w_f = alpha^2 g_f(t) / v_f(t)``."""
+        mean, inv_var = self.statistics(t)
+        log_g = self.log_gain.to(t.dtype)[None, :]
+        if self._has_gain_t:
+            s2 = self.gain_s2.to(t.dtype)
+            basis = s2 / (self.sde.sigma2(t)[:, None] + s2)                  # (B, K)
+            log_g = log_g + basis @ self.gain_coeffs.to(t.dtype).T
+        return mean, inv_var * log_g.exp() * self.sde.alpha(t)[:, None] ** 2
+
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Prior energy in kT, shape (B,)."""
         f = self.features(y.to(self.mean.dtype))
-        tt = t.to(self.mean.dtype)
-        mean, inv_var = self.statistics(tt)
-        w = inv_var * self.log_gain.exp().to(tt.dtype)
-        return 0.5 * self.sde.alpha(tt) ** 2 * ((f - mean) ** 2 * w).sum(-1)
+        mean, w = self.weights(t.to(self.mean.dtype))
+        return 0.5 * ((f - mean) ** 2 * w).sum(-1)
 
 
 def fit_prior(positions, bonds, length_scale: float, sde, n_grid: int = 48,
-              n_samples: int = 4096, seed: int = 0) -> dict:
+              n_samples: int = 4096, seed: int = 0, gain_scales=()) -> dict:
     """Fit a :class:`FeaturePrior` to training positions; returns its ``config()``.
 
     Parameters
@@ -221,6 +248,8 @@ def fit_prior(positions, bonds, length_scale: float, sde, n_grid: int = 48,
     sde : LinearSDE
     n_grid, n_samples, seed
         See :meth:`FeaturePrior.fit`.
+    gain_scales : sequence of float
+        See :class:`FeaturePrior`.
 
     Returns
     -------
@@ -235,5 +264,6 @@ def fit_prior(positions, bonds, length_scale: float, sde, n_grid: int = 48,
     if not pairs:
         raise ValueError("a prior needs at least one bond")
     y0 = (x - x.mean(1, keepdim=True)).reshape(x.shape[0], -1) / float(length_scale)
-    return FeaturePrior.fit(y0, n, pairs, centres, sde, n_grid=n_grid, n_samples=n_samples,
-                            seed=seed).config()
+    config = FeaturePrior.fit(y0, n, pairs, centres, sde, n_grid=n_grid, n_samples=n_samples,
+                              seed=seed).config()
+    return dict(config, gain_scales=[float(v) for v in gain_scales])
