@@ -787,6 +787,9 @@ def add_train_config_arguments(p) -> None:
                    help="P of the target-score/DSM mixture when data scores are given "
                         "(default: estimated from the scores)")
     p.add_argument("--t-eps", type=positive_float, default=1e-3, help="smallest training time")
+    p.add_argument("--train-only", nargs="+", default=None, metavar="PREFIX",
+                   help="train only parameters whose names start with these prefixes, e.g. "
+                        "prior.gain_coeffs (default: all)")
     p.add_argument("--t-power", type=positive_float, default=1.0,
                    help="training times t_eps + (1 - t_eps) u^p: p > 1 favours small t")
     p.add_argument("--seed", type=int, default=0, help="weights, batches and noise")
@@ -799,7 +802,8 @@ def train_config(args, **extra):
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        fp_weight=args.fp_weight, fp_t_max=args.fp_t_max,
                        fp_scale=args.fp_scale, tsm_precision=args.tsm_precision,
-                       t_eps=args.t_eps, t_power=args.t_power, seed=args.seed, **extra)
+                       t_eps=args.t_eps, t_power=args.t_power, train_only=args.train_only,
+                       seed=args.seed, **extra)
 
 
 def _train_arguments(p) -> None:

@@ -71,6 +71,10 @@ class TrainConfig:
         :func:`train` gets ``scores``. ``None`` takes the largest per-coordinate mean of
         ``g_0^2`` over the data, about the precision of the stiffest mode, so that DSM takes
         over once the noise is wider than that mode.
+    train_only : list of str, optional
+        Train only the parameters whose names start with one of these prefixes (e.g.
+        ``["prior.gain_coeffs"]`` to fit the prior's time-dependent gains of a trained
+        model and leave its network as it is); ``None`` trains everything.
     checkpoint_every : int
     seed : int
     """
@@ -86,6 +90,7 @@ class TrainConfig:
     fp_t_max: float = 1.0
     fp_scale: str = "none"
     tsm_precision: float | None = None
+    train_only: list | None = None
     checkpoint_every: int = 500
     seed: int = 0
     history: list = field(default_factory=list, repr=False)
@@ -221,7 +226,19 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
             raise ValueError(f"tsm_precision must be positive, got {config.tsm_precision}")
         log(f"target score matching: data scores given, precision P = "
             f"{config.tsm_precision:.4g} (model units)")
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    params = list(model.parameters())
+    if config.train_only:
+        prefixes = tuple(config.train_only)
+        named = [(n, p) for n, p in model.named_parameters() if n.startswith(prefixes)]
+        if not named:
+            raise ValueError(f"train_only {list(prefixes)} matches no parameter of the model "
+                             f"(it has {[n for n, _ in model.named_parameters()][:6]} ...)")
+        chosen = {id(p) for _, p in named}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+        params = [p for _, p in named]
+        log(f"training only {', '.join(n for n, _ in named)}")
+    opt = torch.optim.Adam(params, lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(k, config.steps)
                                                          / config.steps)))
@@ -273,7 +290,7 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
             loss = loss + config.fp_weight * fp
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -292,6 +309,8 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
         if checkpoint and (step % config.checkpoint_every == 0 or step == config.steps):
             save()
     bar.close()
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.load_state_dict(ema.state_dict())
     model.eval()
     return {"history": history, "config": asdict(config)}

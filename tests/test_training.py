@@ -238,3 +238,20 @@ def test_train_with_scores_estimates_the_precision():
     bad[0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="scores hold NaN"):
         de.train(tiny_model(), x, progress=False, scores=bad)
+
+
+def test_train_only_leaves_other_parameters_alone():
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lines = []
+    de.train(model, tiny_data(), config=de.TrainConfig(steps=5, batch_size=8, lr=1e-2,
+                                                       train_only=["linears.1"]),
+             progress=False, log=lines.append)
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[n])
+        assert changed == n.startswith("linears.1"), n
+        assert p.requires_grad
+    assert any("training only linears.1.weight, linears.1.bias" in line for line in lines)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        de.train(tiny_model(), tiny_data(), config=de.TrainConfig(steps=1, train_only=["nope"]),
+                 progress=False)
