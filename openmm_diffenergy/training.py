@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .coordinates import centre, subspace_noise
 from .io import _atomic_torch_save
 
-__all__ = ["TrainConfig", "train", "train_and_save", "dsm_loss", "fp_residual"]
+__all__ = ["TrainConfig", "train", "train_and_save", "init_from", "dsm_loss", "fp_residual"]
 
 
 @dataclass
@@ -314,6 +314,43 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
     model.load_state_dict(ema.state_dict())
     model.eval()
     return {"history": history, "config": asdict(config)}
+
+
+def init_from(model, path: str) -> list:
+    """Start a fine-tune: copy the weights of a saved model into ``model``.
+
+    Parameters the file lacks (new options, e.g. the prior's ``gain_coeffs``) keep their
+    initial values. Training then starts at step 0 with a fresh optimizer; a checkpoint
+    beside the output, if there is one, still takes precedence.
+
+    Parameters
+    ----------
+    model : EnergyModel
+    path : str
+        A model file (:func:`openmm_diffenergy.save_model`).
+
+    Returns
+    -------
+    list of str
+        The names of the parameters and buffers left at their initial values.
+
+    Raises
+    ------
+    ValueError
+        If the file holds weights that ``model`` does not have, or of other shapes.
+    """
+    from .io import load_model
+
+    src = load_model(path)
+    try:
+        missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"cannot start from {path}: {str(err).splitlines()[-1].strip()}") \
+            from None
+    if unexpected:
+        raise ValueError(f"cannot start from {path}: it has weights the model lacks "
+                         f"({', '.join(unexpected[:4])}); another architecture?")
+    return list(missing)
 
 
 def train_and_save(model, positions: torch.Tensor, out: str, config: TrainConfig | None = None,

@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 import openmm_diffenergy as de  # noqa: E402
 from openmm_diffenergy.cli import (add_model_arguments, add_train_config_arguments,  # noqa: E402
                                    model_options, train_config)
-from openmm_diffenergy.training import train_and_save  # noqa: E402
+from openmm_diffenergy.training import init_from, train_and_save  # noqa: E402
 from openmm_diffenergy.ala2 import (load_reference, particle_bonds, reference_scores,  # noqa: E402
                                    selection)
 from openmm_diffenergy.models.prior import fit_prior  # noqa: E402
@@ -36,6 +36,9 @@ def main(argv=None):
     ap.add_argument("--scores", choices=["none", "amber"], default="none",
                     help="amber: train on target scores too, the amber14 forces / kT of the "
                          "reference frames (TSM/DSM mixture; see openmm_diffenergy.training)")
+    ap.add_argument("--init-from", default=None,
+                    help="fine-tune: start from this model file's weights (new parameters keep "
+                         "their initial values) instead of random ones")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args(argv)
     command = "python scripts/train_ala2.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -53,15 +56,18 @@ def main(argv=None):
     model = de.MoleculeEnergy(len(sel), torsions, length_scale=length_scale, seed=args.seed,
                               prior=prior, **model_options(args))
     config = train_config(args)
+    header = [f"command: {command}"]
+    if args.init_from and not os.path.exists(args.out + ".ckpt"):
+        fresh = init_from(model, args.init_from)
+        header.append(f"weights from {args.init_from}; new: {', '.join(fresh) or 'none'}")
     scores = None
     if args.scores == "amber":
         # one selected atom per particle: the mean force on a kept atom is the
         # conditional mean of its atomic force, so the same scores serve the CG model
         scores = torch.tensor(reference_scores(ref)[:, sel], dtype=torch.float32)
     masses = [float(ref.masses[i]) for i in sel]
-    header = [f"command: {command}",
-              f"data: {args.data}, {len(xyz)} frames; particles {len(sel)}; length scale "
-              f"{length_scale:.4f} nm; torsions {len(torsions)}; scores {args.scores}"]
+    header.append(f"data: {args.data}, {len(xyz)} frames; particles {len(sel)}; length scale "
+                  f"{length_scale:.4f} nm; torsions {len(torsions)}; scores {args.scores}")
     result = train_and_save(model, xyz, args.out, config=config, header=header,
                             training_info={"data": os.path.basename(args.data),
                                            "frames": len(xyz), "command": command,

@@ -148,3 +148,25 @@ def test_time_dependent_gains(tmp_path, gen):
     torch.testing.assert_close(back.energy(x, 0.001), model.energy(x, 0.001))
     with pytest.raises(ValueError, match="gain_scales"):
         FeaturePrior(6, pairs, centres, base.mean, 1 / base.inv_var, sde, gain_scales=[0.0])
+
+
+def test_init_from_keeps_new_parameters_at_their_initial_values(tmp_path, gen):
+    from openmm_diffenergy.training import init_from
+
+    pairs, centres = graph_features(BONDS, 6)
+    sde = de.VPSDE()
+    cfg = FeaturePrior.fit(_data(100, gen), 6, pairs, centres, sde, n_grid=5,
+                           n_samples=64).config()
+    kw = dict(hidden=16, layers=2, sde=sde, length_scale=0.1)
+    old = de.MoleculeEnergy(6, [(2, 0, 1, 5)], seed=0, prior=cfg, **kw)
+    path = de.save_model(old, str(tmp_path / "old.pt"))
+    new = de.MoleculeEnergy(6, [(2, 0, 1, 5)], seed=1, prior=dict(cfg, gain_scales=[0.05]),
+                            **kw)
+    assert init_from(new, path) == ["prior.gain_coeffs"]
+    x = (TETRA * 0.1).expand(3, 6, 3).float() + 0.002 * torch.randn(3, 6, 3, generator=gen)
+    torch.testing.assert_close(new.energy(x, 0.01), old.energy(x, 0.01))   # coeffs start at 0
+    with pytest.raises(ValueError, match="cannot start from"):
+        init_from(de.MoleculeEnergy(6, [(2, 0, 1, 5)], seed=0, prior=cfg, hidden=8, layers=2,
+                                    sde=sde, length_scale=0.1), path)
+    with pytest.raises(ValueError, match="cannot start from"):   # no prior: other inputs
+        init_from(de.MoleculeEnergy(6, [(2, 0, 1, 5)], seed=0, **kw), path)
