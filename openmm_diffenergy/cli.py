@@ -835,6 +835,9 @@ def _train_arguments(p) -> None:
                    help="steps between checkpoints (<out>.ckpt; a rerun resumes from it)")
     p.add_argument("--fresh", action="store_true",
                    help="discard an existing checkpoint instead of resuming from it")
+    p.add_argument("--init-from", default=None,
+                   help="fine-tune: start from this model file's weights (parameters it lacks "
+                        "keep their initial values) with a fresh optimizer")
     p.add_argument("--temperature", type=positive_float, default=300.0,
                    help="K of the training data (stored; the default kT of exported forces)")
     _add_output_arguments(p, None, "model file to write (.pt); also <out>.ckpt (checkpoint) "
@@ -936,6 +939,10 @@ def _train_run(args) -> int:
                            prior=prior, **model_options(args))
     config = train_config(args, ema_decay=args.ema_decay,
                           checkpoint_every=args.checkpoint_every)
+    if args.init_from and not os.path.exists(ckpt):
+        from .training import init_from
+
+        init_from(model, args.init_from)
     scores = None
     if args.scores_system or args.scores_forcefield:
         scores = _training_scores(args, traj, cg)

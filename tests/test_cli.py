@@ -116,6 +116,16 @@ def test_train_with_force_field_scores(work, tmp_path, capsys):
     assert "share atoms" in _error_line(capsys, "train")
     assert main(args + ["--fresh", "--scores-system", str(tmp_path / "nope.xml")]) == 1
     assert "no such file" in _error_line(capsys, "train")
+    # a fine-tune from the model just written: same weights before any step
+    tuned = str(tmp_path / "tuned.pt")
+    assert main(args[:5] + [tuned] + args[6:] + ["--init-from", out, "--steps", "1",
+                                                 "--train-only", "prior.gain_coeffs",
+                                                 "--gain-scales", "0.05"]) == 0
+    x = torch.tensor(load_reference(work["npz"]).xyz[:2][:, de.load_model(out).metadata[
+        "particle_selection"]])
+    a, b = de.load_model(out), de.load_model(tuned)
+    assert b.config()["prior"]["gain_scales"] == [0.05]
+    torch.testing.assert_close(a.energy(x, 0.5), b.energy(x, 0.5), rtol=0.05, atol=0.5)
 
 
 def _energy(module_or_system, positions):
