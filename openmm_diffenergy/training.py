@@ -185,7 +185,7 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
     progress : bool
     log : callable
         Receives one line of text per log interval.
-    scores : torch.Tensor, shape (F, N, 3), optional
+    scores : torch.Tensor or array-like, shape (F, N, 3), optional
         ``grad log p_0`` of every configuration in 1/nm: for Boltzmann-distributed data,
         forces (kJ/mol/nm) divided by ``kT`` (kJ/mol), e.g. from
         :func:`~openmm_diffenergy.reweighting.potential_forces`. For mapped (coarse-grained)
@@ -213,6 +213,7 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
     y_all = y_all / model.length_scale
     g_all = None
     if scores is not None:
+        scores = torch.as_tensor(scores, dtype=torch.float32)
         if tuple(scores.shape) != tuple(positions.shape):
             raise ValueError(f"scores have shape {tuple(scores.shape)}; expected "
                              f"{tuple(positions.shape)}, one per position")

@@ -229,7 +229,7 @@ def test_train_with_scores_estimates_the_precision():
     scores = -(x - base) / 1e-4
     lines = []
     out = de.train(tiny_model(), x, config=de.TrainConfig(steps=2, batch_size=8),
-                   progress=False, log=lines.append, scores=scores)
+                   progress=False, log=lines.append, scores=scores.numpy())   # array-like
     assert out["config"]["tsm_precision"] == pytest.approx(675, rel=0.12)
     assert any("precision P" in line for line in lines)
     with pytest.raises(ValueError, match="scores have shape"):
