@@ -175,7 +175,7 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
     ----------
     model : EnergyModel
         Particle model; trained in place. On return it holds the EMA weights.
-    positions : torch.Tensor, shape (F, N, 3)
+    positions : torch.Tensor or array-like, shape (F, N, 3)
         Training configurations in nm (centred here, divided by ``model.length_scale``).
     sde : LinearSDE, optional
         Default ``model.sde``.
@@ -204,6 +204,7 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
         raise ValueError(f"fp_scale must be 'none' or 'sigma2', got {config.fp_scale!r}")
     if not config.t_eps < config.fp_t_max <= 1:
         raise ValueError(f"fp_t_max must lie in (t_eps, 1], got {config.fp_t_max}")
+    positions = torch.as_tensor(positions)
     if positions.dim() != 3 or positions.shape[1:] != (model.n_particles, 3):
         raise ValueError(f"positions have shape {tuple(positions.shape)}; expected "
                          f"(F, {model.n_particles}, 3)")
