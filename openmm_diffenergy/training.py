@@ -23,6 +23,7 @@ and resumes from them.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -166,6 +167,31 @@ def fp_residual(model, sde, y: torch.Tensor, t: torch.Tensor, probes: int | None
     return -gt - rhs
 
 
+@contextlib.contextmanager
+def _trainable(model, prefixes, log):
+    """The parameters to optimize: all of them, or those whose names start with one of
+    ``prefixes``; the others are frozen inside the block and their ``requires_grad`` flags
+    are restored after it, also when training stops with an error."""
+    named = list(model.named_parameters())
+    if not prefixes:
+        yield [p for _, p in named]
+        return
+    chosen = [(n, p) for n, p in named if n.startswith(tuple(prefixes))]
+    if not chosen:
+        raise ValueError(f"train_only {list(prefixes)} matches no parameter of the model "
+                         f"(it has {[n for n, _ in named][:6]} ...)")
+    log(f"training only {', '.join(n for n, _ in chosen)}")
+    flags = [p.requires_grad for _, p in named]
+    ids = {id(p) for _, p in chosen}
+    try:
+        for _, p in named:
+            p.requires_grad_(id(p) in ids)
+        yield [p for _, p in chosen]
+    finally:
+        for (_, p), flag in zip(named, flags):
+            p.requires_grad_(flag)
+
+
 def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None = None,
           checkpoint: str | None = None, progress: bool = True, log=print,
           scores: torch.Tensor | None = None):
@@ -228,91 +254,78 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
             raise ValueError(f"tsm_precision must be positive, got {config.tsm_precision}")
         log(f"target score matching: data scores given, precision P = "
             f"{config.tsm_precision:.4g} (model units)")
-    params = list(model.parameters())
-    if config.train_only:
-        prefixes = tuple(config.train_only)
-        named = [(n, p) for n, p in model.named_parameters() if n.startswith(prefixes)]
-        if not named:
-            raise ValueError(f"train_only {list(prefixes)} matches no parameter of the model "
-                             f"(it has {[n for n, _ in model.named_parameters()][:6]} ...)")
-        chosen = {id(p) for _, p in named}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in chosen)
-        params = [p for _, p in named]
-        log(f"training only {', '.join(n for n, _ in named)}")
-    opt = torch.optim.Adam(params, lr=config.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(k, config.steps)
-                                                         / config.steps)))
-    ema = copy.deepcopy(model).eval()
-    gen = torch.Generator().manual_seed(config.seed)
-    step, history = 0, []
-    if checkpoint and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        step, history = state["step"], state["history"]
-        log(f"resumed from {checkpoint} at step {step}")
+    with _trainable(model, config.train_only, log) as params:
+        opt = torch.optim.Adam(params, lr=config.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(k, config.steps)
+                                                             / config.steps)))
+        ema = copy.deepcopy(model).eval()
+        gen = torch.Generator().manual_seed(config.seed)
+        step, history = 0, []
+        if checkpoint and os.path.exists(checkpoint):
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            gen.set_state(state["generator"])
+            step, history = state["step"], state["history"]
+            log(f"resumed from {checkpoint} at step {step}")
 
-    def save():
-        _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
-                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "generator": gen.get_state(), "step": step, "history": history,
-                            "config": asdict(config)}, checkpoint)
+        def save():
+            _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
+                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                "generator": gen.get_state(), "step": step, "history": history,
+                                "config": asdict(config)}, checkpoint)
 
-    model.train()
-    start = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress)
-    running = None
-    while step < config.steps:
-        idx = torch.randint(0, y_all.shape[0], (config.batch_size,), generator=gen)
-        y0 = y_all[idx]
-        u = torch.rand(config.batch_size, generator=gen) ** config.t_power
-        t = config.t_eps + (1 - config.t_eps) * u
-        loss = dsm_loss(model, sde, y0, t, gen, g0=None if g_all is None else g_all[idx],
-                        precision=config.tsm_precision)
-        fp = torch.zeros(())
-        if config.fp_weight > 0:
-            k = config.fp_times
-            per = max(1, config.batch_size // (4 * k))
-            tf = (config.t_eps + (config.fp_t_max - config.t_eps)
-                  * torch.rand(k, generator=gen) ** config.t_power).repeat_interleave(per)
-            y_fp = y_all[torch.randint(0, y_all.shape[0], (tf.shape[0],), generator=gen)]
-            eps = subspace_noise(y_fp.shape, model.n_particles, generator=gen,
-                                 dtype=y_fp.dtype)
-            y_fp = sde.alpha(tf)[:, None] * y_fp + sde.sigma(tf)[:, None] * eps
-            r = fp_residual(model, sde, y_fp, tf, generator=gen)
-            if config.fp_scale == "sigma2":
-                r = r * sde.sigma2(tf).to(r.dtype)
-            r = r.reshape(k, per)
-            fp = ((r - r.mean(1, keepdim=True)) ** 2).mean()
-            loss = loss + config.fp_weight * fp
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - config.ema_decay)
-        step += 1
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}")
-        if step % 100 == 0 or step == config.steps:
-            history.append({"step": step, "loss": running, "fp": float(fp.detach()),
-                            "seconds": time.perf_counter() - start})
-        if step % max(1, config.checkpoint_every // 5) == 0:
-            log(f"step {step} loss {running:.4f} fp {float(fp.detach()):.4f} "
-                f"lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - start:.0f} s")
-        if checkpoint and (step % config.checkpoint_every == 0 or step == config.steps):
-            save()
-    bar.close()
-    for p in model.parameters():
-        p.requires_grad_(True)
+        model.train()
+        start = time.perf_counter()
+        bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress)
+        running = None
+        while step < config.steps:
+            idx = torch.randint(0, y_all.shape[0], (config.batch_size,), generator=gen)
+            y0 = y_all[idx]
+            u = torch.rand(config.batch_size, generator=gen) ** config.t_power
+            t = config.t_eps + (1 - config.t_eps) * u
+            loss = dsm_loss(model, sde, y0, t, gen, g0=None if g_all is None else g_all[idx],
+                            precision=config.tsm_precision)
+            fp = torch.zeros(())
+            if config.fp_weight > 0:
+                k = config.fp_times
+                per = max(1, config.batch_size // (4 * k))
+                tf = (config.t_eps + (config.fp_t_max - config.t_eps)
+                      * torch.rand(k, generator=gen) ** config.t_power).repeat_interleave(per)
+                y_fp = y_all[torch.randint(0, y_all.shape[0], (tf.shape[0],), generator=gen)]
+                eps = subspace_noise(y_fp.shape, model.n_particles, generator=gen,
+                                     dtype=y_fp.dtype)
+                y_fp = sde.alpha(tf)[:, None] * y_fp + sde.sigma(tf)[:, None] * eps
+                r = fp_residual(model, sde, y_fp, tf, generator=gen)
+                if config.fp_scale == "sigma2":
+                    r = r * sde.sigma2(tf).to(r.dtype)
+                r = r.reshape(k, per)
+                fp = ((r - r.mean(1, keepdim=True)) ** 2).mean()
+                loss = loss + config.fp_weight * fp
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - config.ema_decay)
+            step += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+            if step % 100 == 0 or step == config.steps:
+                history.append({"step": step, "loss": running, "fp": float(fp.detach()),
+                                "seconds": time.perf_counter() - start})
+            if step % max(1, config.checkpoint_every // 5) == 0:
+                log(f"step {step} loss {running:.4f} fp {float(fp.detach()):.4f} "
+                    f"lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - start:.0f} s")
+            if checkpoint and (step % config.checkpoint_every == 0 or step == config.steps):
+                save()
+        bar.close()
     model.load_state_dict(ema.state_dict())
     model.eval()
     return {"history": history, "config": asdict(config)}

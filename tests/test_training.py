@@ -255,3 +255,19 @@ def test_train_only_leaves_other_parameters_alone():
     with pytest.raises(ValueError, match="matches no parameter"):
         de.train(tiny_model(), tiny_data(), config=de.TrainConfig(steps=1, train_only=["nope"]),
                  progress=False)
+
+
+def test_train_only_restores_flags_when_training_fails():
+    model = tiny_model()
+    model.linears[0].bias.requires_grad_(False)          # the user's own freeze is kept
+
+    def fail(line):
+        if line.startswith("step"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        de.train(model, tiny_data(), config=de.TrainConfig(
+            steps=50, batch_size=8, checkpoint_every=5, train_only=["linears.1"]),
+            progress=False, log=fail)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert flags.pop("linears.0.bias") is False
+    assert all(flags.values())
