@@ -14,6 +14,7 @@ from .data import TrainingData, load_training_data
 from .divergence import (ExactDivergence, FastDivergence, FusedHutchinsonDivergence,
                          HutchinsonDivergence, get_estimator)
 from .likelihood import NLLResult, SampleResult, nll, path_nll, sample
+from .mcmc import mala
 from .io import load_model, save_model
 from .models import (DistanceMLPEnergy, EnergyModel, MoleculeEnergy, torsion_quadruples, GaussianMixtureEnergy, mixture_1d,
                      mixture_2d, particle_mixture, score, score_fn)
@@ -45,7 +46,7 @@ __all__ = [
     "score", "score_fn",
     "ExactDivergence", "HutchinsonDivergence", "FastDivergence", "FusedHutchinsonDivergence",
     "get_estimator",
-    "NLLResult", "SampleResult", "nll", "path_nll", "sample",
+    "NLLResult", "SampleResult", "nll", "path_nll", "sample", "mala",
     "centre", "check_time", "dof", "subspace_basis",
     "importance_weights", "log_importance_weights", "ess", "potential_energies", "potential_forces",
     "reduced_energies",

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .coordinates import centre, subspace_basis
 from .divergence import get_estimator
 from .likelihood import SampleResult
-from .models.base import score_fn
+from .models.base import model_dtype, score_fn
 
 __all__ = ["sample_with_likelihood", "flow_log_density", "mirror_fold",
            "folded_log_density", "denoise", "MIRROR"]
@@ -40,13 +40,6 @@ MIRROR = (1.0, 1.0, -1.0)
 """The reflection used by :func:`mirror_fold`: ``z -> -z``."""
 
 FIXED_SOLVERS = ("rk4", "midpoint", "euler", "explicit_adams", "implicit_adams")
-
-
-def _model_dtype(model) -> torch.dtype:
-    for p in list(model.parameters()) + list(model.buffers()):
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float64
 
 
 def _check_positive_int(value, name):
@@ -192,7 +185,7 @@ def sample_with_likelihood(model, n: int, sde=None, t_min: float | None = None,
     sde = model.sde if sde is None else sde
     _check_positive_int(n, "n")
     sizes = _batches(n, batch_size)
-    dtype = _model_dtype(model) if dtype is None else dtype
+    dtype = model_dtype(model) if dtype is None else dtype
     flow = _FlowSolver(model, sde, t_min, solver, rtol, atol, steps, divergence, seed, dtype)
     ts = flow.times(forward=False)
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
@@ -238,7 +231,7 @@ def flow_log_density(model, x, sde=None, t_min: float | None = None, solver: str
         ``x`` as given (a tensor, nm); ``nll`` per nm^D and ``nll_model``.
     """
     sde = model.sde if sde is None else sde
-    dtype = _model_dtype(model) if dtype is None else dtype
+    dtype = model_dtype(model) if dtype is None else dtype
     x = torch.as_tensor(x).to(dtype)
     if x.shape[0] < 1:
         raise ValueError("x holds no structures")
@@ -378,7 +371,7 @@ def denoise(model, x, t: float | None = None, sde=None, batch_size: int = 64,
     if not t > 0:
         raise ValueError(f"t must be positive, got {t}")
     _check_positive_int(batch_size, "batch_size")
-    dtype = _model_dtype(model) if dtype is None else dtype
+    dtype = model_dtype(model) if dtype is None else dtype
     x = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype)
     if x.shape[0] < 1:
         raise ValueError("x holds no structures")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .coordinates import centre, subspace_noise
 from .divergence import get_estimator
+from .mcmc import default_step_size, mala_model_coordinates
 from .models.base import score_fn
 
 __all__ = ["NLLResult", "SampleResult", "nll", "path_nll", "sample", "time_grid"]
@@ -404,7 +405,8 @@ def sample(model, sde, n: int, method: str = "sde", steps: int | None = None,
            divergence="exact", return_nll: bool = True, seed: int | None = None,
            n_probes: int = 1, probe: str = "rademacher", t_min: float | None = None,
            scheme: str = "simpson", grid_power: float = 2.0, dtype=torch.float64,
-           progress: bool = False) -> SampleResult:
+           progress: bool = False, corrector_steps: int = 0,
+           corrector_step_size: float | None = None) -> SampleResult:
     """Draw samples from the prior to ``t_min`` and, optionally, their likelihood.
 
     Parameters
@@ -425,6 +427,15 @@ def sample(model, sde, n: int, method: str = "sde", steps: int | None = None,
         The ODE sampler steps uniformly.
     seed : int, optional
         Seeds the prior draw, the path noise and the probes.
+    corrector_steps : int
+        Metropolis-adjusted Langevin steps on ``exp(-E(y, t_min))`` after the last
+        predictor step (:func:`openmm_diffenergy.mcmc.mala`): a predictor-corrector sampler
+        whose corrector leaves the model's own ``t_min`` density invariant. The samples
+        stay independent (one chain each). The path likelihood no longer applies to them,
+        so this needs ``return_nll=False``. ``method["corrector_acceptance"]`` reports the
+        acceptance rate.
+    corrector_step_size : float, optional
+        Langevin step in model units squared; default ``sigma(t_min)^2 / alpha(t_min)^2``.
 
     Returns
     -------
@@ -437,6 +448,17 @@ def sample(model, sde, n: int, method: str = "sde", steps: int | None = None,
     if int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n}")
     steps = int(steps) if steps is not None else (1000 if method == "sde" else 100)
+    if int(corrector_steps) != corrector_steps or corrector_steps < 0:
+        raise ValueError(f"corrector_steps must be a non-negative integer, got "
+                         f"{corrector_steps}")
+    if corrector_steps and return_nll:
+        raise ValueError("corrector steps move the samples off the path their likelihood "
+                         "was integrated along; pass return_nll=False")
+    if corrector_steps:
+        h = default_step_size(sde, t_min) if corrector_step_size is None \
+            else float(corrector_step_size)
+        if not h > 0:
+            raise ValueError(f"corrector_step_size must be positive, got {corrector_step_size}")
     generator = torch.Generator()
     generator.manual_seed(0 if seed is None else int(seed))
     estimator = get_estimator(divergence, n_probes, probe, seed) if return_nll \
@@ -453,12 +475,18 @@ def sample(model, sde, n: int, method: str = "sde", steps: int | None = None,
             y, log_p = _reverse_sde(field_, sde, y, t_min, steps, scheme, generator,
                                     model.n_particles, return_nll, progress, grid_power)
             log_p = log_prior + log_p if return_nll else None
+    if corrector_steps:
+        y, acceptance = mala_model_coordinates(model, y, t_min, int(corrector_steps), h,
+                                               generator, progress)
     x = y * model.length_scale
     if model.n_particles is not None:
         x = x.reshape(-1, model.n_particles, 3)
     info = {"method": method, "steps": steps, "nfe": field_.nfe, "t_min": t_min, "T": sde.T,
             "dof": model.dof, "length_scale": model.length_scale, "seed": seed,
             "seconds": time.perf_counter() - start}
+    if corrector_steps:
+        info.update(corrector_steps=int(corrector_steps), corrector_step_size=h,
+                    corrector_acceptance=acceptance)
     if log_p is None:
         return SampleResult(x, None, None, info)
     info.update(_describe(estimator))

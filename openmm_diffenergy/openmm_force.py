@@ -21,6 +21,7 @@ import torch
 from openmm import unit
 
 from .io import load_model
+from .models.base import model_dtype
 
 __all__ = ["create_force", "add_learned_force", "learned_energy", "kt_kj_per_mol",
            "load_openmmtorch", "LEARNED_FORCE_GROUP"]
@@ -91,13 +92,6 @@ def kt_kj_per_mol(temperature) -> float:
     return r * t
 
 
-def _model_dtype(model) -> torch.dtype:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float64
-
-
 class _BatchedEnergy(torch.nn.Module):
     """``E(y, t_min)`` for a fixed batch of replicas: (R, dim) -> (R,) in kT."""
 
@@ -158,7 +152,7 @@ class PythonForceComputation:
         self.t_min = float(t_min)
         self.n_replicas = int(n_replicas)
         self.kt = float(kt)
-        self.dtype = _model_dtype(model)
+        self.dtype = model_dtype(model)
 
     def __call__(self, state):
         pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
@@ -254,7 +248,7 @@ def create_force(model_or_path, temperature=300.0 * unit.kelvin, t_min: float | 
         force.setParticles(idx.tolist())
     else:
         openmmtorch = load_openmmtorch()
-        dtype = _model_dtype(model)
+        dtype = model_dtype(model)
         core = _BatchedEnergy(model, t_min, n_replicas)
         example = torch.zeros(n_replicas, model.dim, dtype=dtype)
         example += torch.randn(example.shape, generator=torch.Generator().manual_seed(0),

@@ -38,9 +38,10 @@ import torch
 from openmm import unit
 from tqdm.auto import tqdm
 
-from .flow import (_model_dtype, flow_log_density, folded_log_density, mirror_fold,
+from .flow import (flow_log_density, folded_log_density, mirror_fold,
                    sample_with_likelihood)
 from .flow import denoise as _denoise_step
+from .models.base import model_dtype
 from .openmm_force import _quantity, create_force, kt_kj_per_mol
 
 __all__ = ["log_importance_weights", "importance_weights", "ess", "potential_energies",
@@ -310,7 +311,7 @@ def model_energies(model, xyz, t_min: float | None = None,
     """
     arr = _positions(xyz, model.n_particles)
     t = model.t_min if t_min is None else float(t_min)
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
     out = []
     with torch.no_grad():
         for chunk in np.array_split(arr, max(1, math.ceil(len(arr) / batch_size))):

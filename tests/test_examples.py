@@ -85,7 +85,11 @@ def test_ala2_quality_benchmark_quick(tmp_path):
     assert data["aa"]["md"]["replicas"] == 2 and data["aa"]["stability"]["replicas"] == 1
     assert 0.0 <= data["aa_stability_intact_fraction"] <= 1.0
     assert "mirror-folded" in data["aa"]["iid_sampler"]
+    assert "MALA corrector" in data["cg"]["iid_sampler"]
     assert np.isfinite(data["aa_js_iid_unfolded"])
+    for kind in ("aa", "cg"):
+        assert np.isfinite(data[f"{kind}_js_iid_sde"])
+        assert 0 < data[kind]["corrector"]["acceptance"] <= 1
 
 
 def test_add_to_openmm_script_example(tmp_path):

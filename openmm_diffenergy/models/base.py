@@ -15,7 +15,7 @@ import torch
 
 from ..coordinates import check_time, dof, flatten_positions
 
-__all__ = ["EnergyModel", "score", "score_fn"]
+__all__ = ["EnergyModel", "score", "score_fn", "model_dtype"]
 
 
 class EnergyModel(torch.nn.Module):
@@ -81,6 +81,15 @@ class EnergyModel(torch.nn.Module):
         """
         y = self.to_model_coordinates(x)
         return self(y, check_time(t, y.shape[0], dtype=y.dtype, device=y.device))
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model computes in: that of its first floating parameter or buffer
+    (float64 when it has none)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float64
 
 
 def score_fn(model: torch.nn.Module):
