@@ -1,4 +1,4 @@
-"""``diffenergy demo``, ``reweight`` and ``compare``: the analysis subcommands.
+"""``diffenergy demo``, ``sample``, ``reweight`` and ``compare``: the analysis subcommands.
 
 Registered into :mod:`openmm_diffenergy.cli` when it is imported; kept apart so each
 module stays small. The reweighting target is a classical System: an OpenMM System XML
@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 
-from .cli import (Command, _add_output_arguments, _existing_file, _load_model,
-                  _model_temperature, _png_path, _set_threads, _write_text, load_structures,
-                  positive_float, positive_int, register, structure_for_model)
+from .cli import (Command, _add_output_arguments, _existing_file, _figure, _load_model,
+                  _model_temperature, _nonnegative_int, _png_path, _ramachandran,
+                  _save_trajectory, _set_threads, _stem, _write_text, alanine_dihedrals,
+                  load_structures, particle_mapping, positive_float, positive_int, register,
+                  structure_for_model)
 
 __all__: list = []
 
@@ -124,6 +126,96 @@ def _demo_run(args) -> int:
     run_demo(args.out_dir, model=args.model, data=args.data, n_iid=args.n_iid,
              md_ps=args.md_ps, replicas=args.replicas, n_compare=args.n_compare,
              seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
+# ----------------------------------------------------------------------------- sample
+
+def _sample_arguments(p) -> None:
+    p.add_argument("model", type=_existing_file, help="model file (.pt)")
+    p.add_argument("--n", type=positive_int, default=100, help="number of samples")
+    p.add_argument("--steps", type=positive_int, default=500,
+                   help="reverse-SDE (Euler-Maruyama) steps from T to t_min")
+    p.add_argument("--corrector-steps", type=_nonnegative_int, default=100,
+                   help="Metropolis-adjusted Langevin steps on exp(-E(x, t_min)) after the "
+                        "reverse SDE (0: none)")
+    p.add_argument("--corrector-step-size", type=positive_float, default=None,
+                   help="Langevin step in model units^2 (default sigma(t_min)^2 / "
+                        "alpha(t_min)^2)")
+    p.add_argument("--chirality", choices=["L", "none"], default="none",
+                   help="L: mirror-fold D samples into L (exact density q(x) + q(Rx)); needs "
+                        "an alanine residue among the model's particles")
+    p.add_argument("--structure", default=None,
+                   help="structure giving the topology; default the model's own")
+    p.add_argument("--top", default=None, help="topology (PDB) for a DCD/XTC --structure")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="precision of the sampler")
+    p.add_argument("--seed", type=int, default=0, help="prior draw, path noise, corrector")
+    _add_output_arguments(p, "samples.dcd",
+                          "samples (.dcd, .xtc, .pdb, .h5) of the model's particles; also "
+                          "writes <stem>.pdb (topology) for .dcd/.xtc and <stem>.csv (the "
+                          "learned energy of each sample)",
+                          "the phi/psi of the samples (alanine dipeptide)")
+
+
+def _sample_run(args) -> int:
+    import numpy as np
+    import torch
+
+    from .flow import mirror_fold
+    from .likelihood import sample
+
+    _set_threads(args.threads)
+    model = _load_model(args.model)
+    traj = structure_for_model(model, args.structure, args.top)
+    topology = particle_mapping(model, traj.topology).topology
+    condition = None
+    if args.chirality == "L":
+        from .alanine import is_l_chiral
+
+        try:
+            is_l_chiral(topology, np.zeros((1, model.n_particles, 3)))
+        except ValueError as err:
+            raise ValueError(f"--chirality L needs the alanine N, CA, CB and C among the "
+                             f"model's {model.n_particles} particles ({err})") from None
+        condition = lambda x: is_l_chiral(topology, x)  # noqa: E731
+    res = sample(model, None, args.n, steps=args.steps, return_nll=False, seed=args.seed,
+                 dtype=getattr(torch, args.dtype), progress=not args.no_progress,
+                 corrector_steps=args.corrector_steps,
+                 corrector_step_size=args.corrector_step_size)
+    xyz = res.x.double().numpy()
+    if not np.isfinite(xyz).all():
+        bad = int((~np.isfinite(xyz).reshape(len(xyz), -1).all(1)).sum())
+        raise RuntimeError(f"{bad} of {len(xyz)} samples are not finite; try more --steps")
+    mirrored = np.zeros(len(xyz), dtype=bool)
+    if condition is not None:
+        xyz, mirrored = mirror_fold(xyz, condition)
+    with torch.no_grad():
+        y = model.to_model_coordinates(torch.as_tensor(xyz, dtype=res.x.dtype))
+        energy = model(y, torch.full((len(y),), res.method["t_min"], dtype=y.dtype))
+    for path in _save_trajectory(args.out, topology, xyz.astype(np.float32)):
+        print(f"wrote {path}")
+    stem = _stem(args.out)
+    rows = ["sample,energy_kT,mirrored"] + [
+        f"{k},{e:.6f},{int(m)}" for k, (e, m) in enumerate(zip(energy.double().tolist(),
+                                                              mirrored))]
+    _write_text(stem + ".csv", "\n".join(rows) + "\n")
+    print(f"wrote {stem}.csv")
+    info = res.method
+    text = (f"{len(xyz)} samples: {info['steps']} reverse-SDE steps to t_min = "
+            f"{info['t_min']:g}")
+    if args.corrector_steps:
+        text += (f", {info['corrector_steps']} MALA steps (step {info['corrector_step_size']:.3g},"
+                 f" acceptance {info['corrector_acceptance']:.2f})")
+    if condition is not None:
+        text += f", {int(mirrored.sum())} mirrored into L"
+    print(f"{text}; {info['seconds']:.1f} s; learned energy {float(energy.mean()):.2f} kT on "
+          "average")
+    png = _png_path(args, args.out)
+    pp = alanine_dihedrals(topology, xyz) if png else None
+    if pp is not None:
+        with _figure(png) as (ax,):
+            _ramachandran(ax, pp, f"{os.path.basename(args.model)}: {len(pp)} samples")
     return 0
 
 
@@ -272,6 +364,12 @@ for _command in (
                 "with exact -log p0, reweight both to amber14, and report the ESS, the "
                 "phi/psi JS divergence and the learned-vs-amber correlation, with plots and "
                 "a trajectory."),
+        Command("sample", "i.i.d. samples from a model (reverse SDE + MALA corrector)",
+                _sample_arguments, _sample_run,
+                "Draw independent samples from a model: Euler-Maruyama on the reverse-time "
+                "SDE down to t_min, then Metropolis-adjusted Langevin steps on the model's "
+                "own exp(-E(x, t_min)). Writes a trajectory of the model's particles, the "
+                "learned energy of each sample and a phi/psi plot."),
         Command("reweight", "importance weights of model samples or learned MD to a force field",
                 _reweight_arguments, _reweight_run,
                 "Reweight i.i.d. model samples (exact flow-ODE log q) or learned-force MD "

@@ -211,6 +211,25 @@ def test_simulate_reports_a_blow_up_in_one_line(tmp_path, capsys):
     assert "became unstable" in err and "NaN" in err and "--timestep-fs" in err
 
 
+def test_sample_writes_folded_samples_with_their_energies(tmp_path, capsys):
+    out = str(tmp_path / "s.dcd")
+    assert main(["sample", AA_MODEL, "--n", "12", "--steps", "40", "--corrector-steps", "5",
+                 "--chirality", "L", "--out", out, "--no-progress"]) == 0
+    traj = mdtraj.load(out, top=str(tmp_path / "s.pdb"))
+    assert traj.n_frames == 12 and traj.n_atoms == 22
+    from openmm_diffenergy.alanine import is_l_chiral
+    assert is_l_chiral(traj.topology, traj.xyz).all()
+    rows = np.loadtxt(tmp_path / "s.csv", delimiter=",", skiprows=1)
+    assert rows.shape == (12, 3) and set(rows[:, 2]) <= {0.0, 1.0}
+    model = de.load_model(AA_MODEL)
+    with torch.no_grad():        # the CSV holds E(x, t_min) of the written structures
+        e = model.energy(torch.tensor(traj.xyz, dtype=torch.float32), model.t_min)
+    np.testing.assert_allclose(rows[:, 1], e.numpy(), rtol=1e-3, atol=0.05)
+    text = capsys.readouterr().out
+    assert "5 MALA steps" in text and "mirrored into L" in text
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_nll_json_and_csv(work, tmp_path):
     out = str(tmp_path / "nll.json")
     assert main(["nll", work["model"], work["dcd"], "--top", work["pdb"], "--steps", "4",
@@ -266,6 +285,9 @@ def test_nll_fast_divergence_matches_exact(work, tmp_path):
     (["train", "{dcd}", "--top", "{pdb}", "--mapping", "name XYZ", "--out", "{tmp}/x.pt"],
      "train", "selects no atoms"),
     (["simulate", CG_MODEL, "--steps", "0"], "simulate", "positive integer"),
+    (["sample", CG_MODEL, "--chirality", "L", "--n", "2", "--steps", "2", "--out",
+      "{tmp}/s.pdb"], "sample", "--chirality L needs the alanine"),
+    (["sample", CG_MODEL, "--corrector-steps", "-1"], "sample", "--corrector-steps"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(work, tmp_path, capsys, argv, command,
                                                   needle):
