@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .coordinates import centre, subspace_noise
 from .divergence import get_estimator
-from .mcmc import default_step_size, mala_model_coordinates
+from .mcmc import check_settings, mala_model_coordinates
 from .models.base import score_fn
 
 __all__ = ["NLLResult", "SampleResult", "nll", "path_nll", "sample", "time_grid"]
@@ -448,17 +448,12 @@ def sample(model, sde, n: int, method: str = "sde", steps: int | None = None,
     if int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n}")
     steps = int(steps) if steps is not None else (1000 if method == "sde" else 100)
-    if int(corrector_steps) != corrector_steps or corrector_steps < 0:
-        raise ValueError(f"corrector_steps must be a non-negative integer, got "
-                         f"{corrector_steps}")
     if corrector_steps and return_nll:
         raise ValueError("corrector steps move the samples off the path their likelihood "
                          "was integrated along; pass return_nll=False")
     if corrector_steps:
-        h = default_step_size(sde, t_min) if corrector_step_size is None \
-            else float(corrector_step_size)
-        if not h > 0:
-            raise ValueError(f"corrector_step_size must be positive, got {corrector_step_size}")
+        h = check_settings(sde, t_min, corrector_steps, corrector_step_size,
+                           ("corrector_steps", "corrector_step_size"))
     generator = torch.Generator()
     generator.manual_seed(0 if seed is None else int(seed))
     estimator = get_estimator(divergence, n_probes, probe, seed) if return_nll \

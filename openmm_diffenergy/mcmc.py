@@ -12,6 +12,7 @@ For particle systems the noise lives in the centred subspace, where the model is
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -43,6 +44,16 @@ def default_step_size(sde, t: float) -> float:
     h = float(sde.sigma2(tt) / sde.alpha(tt) ** 2)
     if not h > 0:
         raise ValueError(f"sigma({t}) is 0, so there is no default step: give the step size")
+    return h
+
+
+def check_settings(sde, t: float, steps, step_size, names=("steps", "step_size")) -> float:
+    """Check a number of MALA steps and return the step size (default or given)."""
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"{names[0]} must be a non-negative integer, got {steps}")
+    h = default_step_size(sde, t) if step_size is None else float(step_size)
+    if not (h > 0 and math.isfinite(h)):
+        raise ValueError(f"{names[1]} must be a positive number, got {step_size}")
     return h
 
 
@@ -102,12 +113,8 @@ def mala(model, x, steps: int, step_size: float | None = None, t: float | None =
         ``steps``, ``step_size``, ``t``, ``acceptance`` (mean over steps and samples) and
         ``seconds``.
     """
-    if int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps}")
     t = model.t_min if t is None else float(t)
-    h = default_step_size(model.sde, t) if step_size is None else float(step_size)
-    if not h > 0:
-        raise ValueError(f"step_size must be positive, got {step_size}")
+    h = check_settings(model.sde, t, steps, step_size)
     x = torch.as_tensor(x, dtype=model_dtype(model))
     shape = x.shape
     y = model.to_model_coordinates(x)

@@ -82,4 +82,4 @@ def test_sampler_with_corrector_steps():
     with pytest.raises(ValueError, match="return_nll=False"):
         de.sample(gm, None, 10, steps=20, corrector_steps=5)
     with pytest.raises(ValueError, match="corrector_steps"):
-        de.sample(gm, None, 10, steps=20, return_nll=False, corrector_steps=1.5)
+        de.sample(gm, None, 10, steps=20, return_nll=False, t_min=0.01, corrector_steps=1.5)
