@@ -98,24 +98,31 @@ def evaluate(kind, path, ref, ref_pp, args, rng):
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     samples = de.sample(model, None, args.samples, steps=args.sde_steps, return_nll=False,
-                        seed=args.seed, dtype=torch.float32).x
+                        seed=args.seed, dtype=torch.float32).x.numpy()
     mdtop = ref.topology if kind == "aa" else None
     if kind == "aa":
+        # the reference (and amber MD) is L-alanine; the model also draws D-alanine, which
+        # lands on phi > 0. The folded sampler reflects those (exact density q(x) + q(Rx)).
+        # Fold before the corrector: the model knows chirality at t_min (a D structure is
+        # ~200 kT up), so MALA would relax D samples into its D region, not their mirror.
         top = ref.topology.to_openmm()
-
-        def fold(x):
-            """Mirror-fold into L when asked (the reference is L-alanine)."""
-            return de.mirror_fold(x, lambda y: is_l_chiral(top, y))[0] if args.fold else x
-    else:
-        def fold(x):
-            return x
+        l_chiral = is_l_chiral(top, samples)
+        out["aa_l_chiral_fraction_iid"] = float(l_chiral.mean())
+        pp_raw = phi_psi(samples, ref.topology, kind)
+        out["aa_js_iid_unfolded"] = js_divergence(ref_pp, pp_raw)
+        out["aa_js_iid_l_chiral_only"] = js_divergence(ref_pp, pp_raw[l_chiral]) \
+            if l_chiral.any() else float("nan")
+        if args.fold:
+            samples, _ = de.mirror_fold(samples, lambda x: is_l_chiral(top, x))
     # the predictor alone (plain reverse SDE), then the Metropolis corrector at t_min
-    out[f"{kind}_js_iid_sde"] = js_divergence(ref_pp, phi_psi(fold(samples.numpy()), mdtop,
-                                                              kind))
+    out[f"{kind}_js_iid_sde"] = js_divergence(ref_pp, phi_psi(samples, mdtop, kind))
     if args.corrector_steps:
-        samples, info = de.mala(model, samples, args.corrector_steps, seed=args.seed)
+        moved, info = de.mala(model, samples, args.corrector_steps, seed=args.seed)
+        samples = moved.numpy()
         out["corrector"] = {k: info[k] for k in ("steps", "step_size", "acceptance", "seconds")}
-    samples = samples.numpy()
+        if kind == "aa":   # structures far from equilibrium can cross the chirality barrier
+            out["aa_l_chiral_fraction_after_corrector"] = float(is_l_chiral(top, samples)
+                                                                .mean())
     out["iid_seconds"] = time.perf_counter() - t0
     out["iid_samples"] = args.samples
     bonds = np.array([(b[0].index, b[1].index) for b in ref.topology.bonds]) if kind == "aa" \
@@ -126,18 +133,10 @@ def evaluate(kind, path, ref, ref_pp, args, rng):
         s_len = bond_lengths(samples, bonds)
         out["aa_bond_w1_nm"] = float(np.mean([wasserstein_distance(ref_len[:, k], s_len[:, k])
                                               for k in range(len(bonds))]))
-        l_chiral = is_l_chiral(top, samples)
-        out["aa_l_chiral_fraction_iid"] = float(l_chiral.mean())
-        # the reference (and amber MD) is L-alanine; the model also draws D-alanine, which
-        # lands on phi > 0. The folded sampler reflects those (exact density q(x) + q(Rx)).
-        pp_raw = phi_psi(samples, ref.topology, kind)
-        out["aa_js_iid_unfolded"] = js_divergence(ref_pp, pp_raw)
-        out["aa_js_iid_l_chiral_only"] = js_divergence(ref_pp, pp_raw[l_chiral]) \
-            if l_chiral.any() else float("nan")
-    samples = fold(samples)
-    out["iid_sampler"] = "reverse SDE" + (
-        f" + {args.corrector_steps} MALA corrector steps at t_min" if args.corrector_steps
-        else "") + (", mirror-folded to L" if kind == "aa" and args.fold else "")
+    out["iid_sampler"] = "reverse SDE" + (", mirror-folded to L" if kind == "aa" and args.fold
+                                          else "") + (
+        f", then {args.corrector_steps} MALA corrector steps at t_min" if args.corrector_steps
+        else "")
     out[f"{kind}_js_iid"] = js_divergence(ref_pp, phi_psi(samples, mdtop, kind))
     # MD with the exported force, replicas started from reference frames
     dt = 1.0 if kind == "aa" else 2.0

@@ -143,8 +143,8 @@ def _sample_arguments(p) -> None:
                    help="Langevin step in model units^2 (default sigma(t_min)^2 / "
                         "alpha(t_min)^2)")
     p.add_argument("--chirality", choices=["L", "none"], default="none",
-                   help="L: mirror-fold D samples into L (exact density q(x) + q(Rx)); needs "
-                        "an alanine residue among the model's particles")
+                   help="L: mirror-fold D samples into L (exact density q(x) + q(Rx)) before "
+                        "the corrector; needs an alanine residue among the model's particles")
     p.add_argument("--structure", default=None,
                    help="structure giving the topology; default the model's own")
     p.add_argument("--top", default=None, help="topology (PDB) for a DCD/XTC --structure")
@@ -164,6 +164,7 @@ def _sample_run(args) -> int:
 
     from .flow import mirror_fold
     from .likelihood import sample
+    from .mcmc import check_settings, mala
 
     _set_threads(args.threads)
     model = _load_model(args.model)
@@ -179,17 +180,28 @@ def _sample_run(args) -> int:
             raise ValueError(f"--chirality L needs the alanine N, CA, CB and C among the "
                              f"model's {model.n_particles} particles ({err})") from None
         condition = lambda x: is_l_chiral(topology, x)  # noqa: E731
+    # fold before the corrector: a model that knows chirality would relax D samples into
+    # its own (high-energy) D region, not into the mirror image of its L basins
+    check_settings(model.sde, model.t_min, args.corrector_steps, args.corrector_step_size,
+                   ("--corrector-steps", "--corrector-step-size"))
     res = sample(model, None, args.n, steps=args.steps, return_nll=False, seed=args.seed,
-                 dtype=getattr(torch, args.dtype), progress=not args.no_progress,
-                 corrector_steps=args.corrector_steps,
-                 corrector_step_size=args.corrector_step_size)
-    xyz = res.x.double().numpy()
+                 dtype=getattr(torch, args.dtype), progress=not args.no_progress)
+    xyz = res.x.numpy()
     if not np.isfinite(xyz).all():
         bad = int((~np.isfinite(xyz).reshape(len(xyz), -1).all(1)).sum())
         raise RuntimeError(f"{bad} of {len(xyz)} samples are not finite; try more --steps")
     mirrored = np.zeros(len(xyz), dtype=bool)
     if condition is not None:
         xyz, mirrored = mirror_fold(xyz, condition)
+    info = dict(res.method)
+    if args.corrector_steps:
+        moved, mc = mala(model, torch.as_tensor(xyz, dtype=res.x.dtype), args.corrector_steps,
+                         args.corrector_step_size, seed=args.seed,
+                         progress=not args.no_progress)
+        xyz = moved.numpy()
+        info.update(corrector_steps=mc["steps"], corrector_step_size=mc["step_size"],
+                    corrector_acceptance=mc["acceptance"],
+                    seconds=info["seconds"] + mc["seconds"])
     with torch.no_grad():
         y = model.to_model_coordinates(torch.as_tensor(xyz, dtype=res.x.dtype))
         energy = model(y, torch.full((len(y),), res.method["t_min"], dtype=y.dtype))
@@ -201,7 +213,6 @@ def _sample_run(args) -> int:
                                                               mirrored))]
     _write_text(stem + ".csv", "\n".join(rows) + "\n")
     print(f"wrote {stem}.csv")
-    info = res.method
     text = (f"{len(xyz)} samples: {info['steps']} reverse-SDE steps to t_min = "
             f"{info['t_min']:g}")
     if args.corrector_steps:
