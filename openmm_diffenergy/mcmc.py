@@ -19,17 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .coordinates import centre, check_time, subspace_noise
-from .models.base import model_dtype
+from .models.base import energy_and_score, model_dtype
 
 __all__ = ["mala"]
-
-
-def _energy_and_score(model, y, t):
-    with torch.enable_grad():
-        y = y.detach().requires_grad_(True)
-        e = model(y, t)
-        (g,) = torch.autograd.grad(e.sum(), y)
-    return e.detach(), -g
 
 
 def default_step_size(sde, t: float) -> float:
@@ -65,13 +57,15 @@ def mala_model_coordinates(model, y, t: float, steps: int, step_size: float,
     y = centre(y.detach().clone(), n_particles)
     tt = check_time(t, y.shape[0], dtype=y.dtype, device=y.device)
     h = float(step_size)
-    e, s = _energy_and_score(model, y, tt)
+    e, s = energy_and_score(model, y.detach(), tt)
+    e = e.detach()
     accepted = 0.0
     for _ in tqdm(range(steps), desc="MALA", disable=not progress, leave=False):
         z = subspace_noise(y.shape, n_particles, generator=generator, dtype=y.dtype)
         drift = h * s
         y_new = y + drift + (2 * h) ** 0.5 * z
-        e_new, s_new = _energy_and_score(model, y_new, tt)
+        e_new, s_new = energy_and_score(model, y_new.detach(), tt)
+        e_new = e_new.detach()
         log_q_fwd = -((y_new - y - drift) ** 2).sum(-1) / (4 * h)
         log_q_rev = -((y - y_new - h * s_new) ** 2).sum(-1) / (4 * h)
         log_a = e - e_new + log_q_rev - log_q_fwd

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .coordinates import centre, subspace_noise
 from .io import _atomic_torch_save
+from .models.base import energy_and_score
 
 __all__ = ["TrainConfig", "train", "train_and_save", "init_from", "dsm_loss", "fp_residual"]
 
@@ -97,15 +98,6 @@ class TrainConfig:
     history: list = field(default_factory=list, repr=False)
 
 
-def _score(model, y, t, create_graph=True):
-    with torch.enable_grad():
-        if not y.requires_grad:
-            y = y.requires_grad_(True)
-        e = model(y, t)
-        (g,) = torch.autograd.grad(e.sum(), y, create_graph=create_graph)
-    return -g, e
-
-
 def dsm_loss(model, sde, y0: torch.Tensor, t: torch.Tensor, generator=None,
              g0: torch.Tensor | None = None, precision: float | None = None) -> torch.Tensor:
     """Denoising score-matching loss ``mean |sigma s(y_t, t) + eps|^2 / D``.
@@ -129,7 +121,7 @@ def dsm_loss(model, sde, y0: torch.Tensor, t: torch.Tensor, generator=None,
     a = sde.alpha(t)[:, None].to(y0.dtype)
     s = sde.sigma(t)[:, None].to(y0.dtype)
     yt = (a * y0 + s * eps).detach().requires_grad_(True)
-    score, _ = _score(model, yt, t)
+    _, score = energy_and_score(model, yt, t, create_graph=True)
     if g0 is None:
         r = s * score + eps
     else:

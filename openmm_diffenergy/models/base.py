@@ -15,7 +15,7 @@ import torch
 
 from ..coordinates import check_time, dof, flatten_positions
 
-__all__ = ["EnergyModel", "score", "score_fn", "model_dtype"]
+__all__ = ["EnergyModel", "score", "score_fn", "model_dtype", "energy_and_score"]
 
 
 class EnergyModel(torch.nn.Module):
@@ -90,6 +90,19 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.float64
+
+
+def energy_and_score(model: torch.nn.Module, y: torch.Tensor, t: torch.Tensor,
+                     create_graph: bool = False):
+    """``E(y, t)`` (B,) and the score ``-grad_y E`` (B, dim) of a batch in model coordinates,
+    by autograd (also inside ``torch.no_grad``); ``create_graph`` keeps the graph of the
+    score for a loss."""
+    with torch.enable_grad():
+        if not y.requires_grad:
+            y = y.requires_grad_(True)
+        e = model(y, t)
+        (g,) = torch.autograd.grad(e.sum(), y, create_graph=create_graph)
+    return e, -g
 
 
 def score_fn(model: torch.nn.Module):
