@@ -15,6 +15,7 @@ from .divergence import (ExactDivergence, FastDivergence, FusedHutchinsonDiverge
                          HutchinsonDivergence, get_estimator)
 from .likelihood import NLLResult, SampleResult, nll, path_nll, sample
 from .mcmc import mala
+from .annealing import AnnealingResult, ClassicalEnergy, anneal
 from .io import load_model, save_model
 from .models import (DistanceMLPEnergy, EnergyModel, MoleculeEnergy, torsion_quadruples, GaussianMixtureEnergy, mixture_1d,
                      mixture_2d, particle_mixture, score, score_fn)
@@ -47,6 +48,7 @@ __all__ = [
     "ExactDivergence", "HutchinsonDivergence", "FastDivergence", "FusedHutchinsonDivergence",
     "get_estimator",
     "NLLResult", "SampleResult", "nll", "path_nll", "sample", "mala",
+    "anneal", "AnnealingResult", "ClassicalEnergy",
     "centre", "check_time", "dof", "subspace_basis",
     "importance_weights", "log_importance_weights", "ess", "potential_energies", "potential_forces",
     "reduced_energies",

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .coordinates import centre, check_time, subspace_noise
 from .models.base import energy_and_score, model_dtype
 
-__all__ = ["mala"]
+__all__ = ["mala", "mala_chain"]
 
 
 def default_step_size(sde, t: float) -> float:
@@ -49,33 +49,64 @@ def check_settings(sde, t: float, steps, step_size, names=("steps", "step_size")
     return h
 
 
-def mala_model_coordinates(model, y, t: float, steps: int, step_size: float,
-                           generator=None, progress: bool = False):
-    """MALA on model coordinates ``y`` (B, dim); returns the moved copy and the mean
-    acceptance rate."""
-    n_particles = model.n_particles
+def mala_chain(energy_and_score_fn, y, steps: int, step_size: float,
+               n_particles: int | None, generator=None, progress: bool = False):
+    """MALA on any unnormalized density ``exp(-U(y))``.
+
+    Parameters
+    ----------
+    energy_and_score_fn : callable
+        ``y`` (B, dim) -> ``(U (B,), -grad U (B, dim))``, without a graph. Non-finite
+        energies are treated as zero density (a move there is never accepted).
+    y : torch.Tensor, shape (B, dim)
+        Start; centred here for particle systems, whose noise lives in the centred
+        subspace.
+    steps : int
+    step_size : float
+        ``h``: the proposal is ``y + h s(y) + sqrt(2 h) z``, in the units of ``y`` squared.
+    n_particles : int or None
+    generator : torch.Generator, optional
+    progress : bool
+
+    Returns
+    -------
+    y : torch.Tensor, shape (B, dim)
+    acceptance : float
+        Mean over steps and samples (NaN for ``steps = 0``).
+    """
     y = centre(y.detach().clone(), n_particles)
-    tt = check_time(t, y.shape[0], dtype=y.dtype, device=y.device)
     h = float(step_size)
-    e, s = energy_and_score(model, y.detach(), tt)
-    e = e.detach()
+
+    def evaluate(v):
+        e, s = energy_and_score_fn(v.detach())
+        return torch.nan_to_num(e.detach(), nan=math.inf), s.detach()
+
+    e, s = evaluate(y)
     accepted = 0.0
     for _ in tqdm(range(steps), desc="MALA", disable=not progress, leave=False):
         z = subspace_noise(y.shape, n_particles, generator=generator, dtype=y.dtype)
         drift = h * s
         y_new = y + drift + (2 * h) ** 0.5 * z
-        e_new, s_new = energy_and_score(model, y_new.detach(), tt)
-        e_new = e_new.detach()
+        e_new, s_new = evaluate(y_new)
         log_q_fwd = -((y_new - y - drift) ** 2).sum(-1) / (4 * h)
         log_q_rev = -((y - y_new - h * s_new) ** 2).sum(-1) / (4 * h)
         log_a = e - e_new + log_q_rev - log_q_fwd
         u = torch.rand(y.shape[0], generator=generator, dtype=y.dtype)
-        take = torch.log(u) < log_a                   # NaN energies are never accepted
+        take = (torch.log(u) < log_a) & torch.isfinite(e_new)   # NaN: never accepted
         y = torch.where(take[:, None], y_new, y)
         e = torch.where(take, e_new, e)
         s = torch.where(take[:, None], s_new, s)
         accepted += float(take.to(y.dtype).mean())
     return y, (accepted / steps if steps else float("nan"))
+
+
+def mala_model_coordinates(model, y, t: float, steps: int, step_size: float,
+                           generator=None, progress: bool = False):
+    """MALA on ``exp(-E(y, t))`` in model coordinates ``y`` (B, dim); returns the moved
+    copy and the mean acceptance rate."""
+    tt = check_time(t, y.shape[0], dtype=y.dtype, device=y.device)
+    return mala_chain(lambda v: energy_and_score(model, v, tt), y, steps, step_size,
+                      model.n_particles, generator, progress)
 
 
 def mala(model, x, steps: int, step_size: float | None = None, t: float | None = None,

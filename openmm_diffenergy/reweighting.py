@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .flow import (flow_log_density, folded_log_density, mirror_fold,
                    sample_with_likelihood)
+from .annealing import ClassicalEnergy, anneal, beta_schedule
 from .flow import denoise as _denoise_step
 from .models.base import model_dtype
 from .openmm_force import _quantity, create_force, kt_kj_per_mol
@@ -720,7 +721,8 @@ class ReweightingResult:
     reduced_energy : numpy.ndarray, shape (n,)
         Classical ``u / kT``.
     proposal : numpy.ndarray, shape (n,)
-        ``-log q`` (nats, per nm^D; i.i.d.) or ``E_theta(x, t_min)`` (kT; MD).
+        ``-log q`` (nats, per nm^D; i.i.d.) or ``E_theta(x, t_min)`` (kT; MD); with
+        annealing ``log w + u/kT`` (unnormalized).
     ess : float
         Kish effective sample size as a fraction of ``n``.
     cvs : dict of str -> numpy.ndarray (n,)
@@ -787,6 +789,31 @@ def _denoised(model, x, proposal, info, t_min=None):
     return x0[ok], np.asarray(proposal, dtype=np.float64)[ok] + logdet[ok]
 
 
+def _check_anneal(anneal_stages, denoise):
+    if int(anneal_stages) != anneal_stages or anneal_stages < 0:
+        raise ValueError(f"anneal_stages must be a non-negative integer, got {anneal_stages}")
+    if anneal_stages and denoise:
+        raise ValueError("denoise and anneal_stages are alternatives (both deal with the "
+                         "t_min noise); choose one")
+
+
+def _annealed(model, system, temperature, platform, x, log_w0, stages, steps, step_size,
+              power, seed, progress, info):
+    """Carry samples with log weights ``log_w0`` toward ``exp(-E_theta)`` on to the
+    classical density by AIS (:func:`~openmm_diffenergy.annealing.anneal`).
+
+    Returns the final samples and an effective proposal ``p`` with
+    ``log w = -u(x)/kT + p``, the form :func:`_finish` takes.
+    """
+    target = ClassicalEnergy(system, temperature, platform)
+    res = anneal(model, target, x, betas=beta_schedule(stages, power),
+                 steps_per_stage=steps, step_size=step_size, seed=seed, progress=progress)
+    log_w = np.asarray(log_w0, dtype=np.float64) + res.log_w
+    ok = np.isfinite(log_w) & np.isfinite(res.reduced_energy)
+    info["annealing"] = dict(res.info, n_zero_weight=int((~ok).sum()))
+    return res.x, np.where(ok, log_w + np.where(ok, res.reduced_energy, 0.0), -np.inf)
+
+
 def _finish(x, proposal, kind, system, temperature, topology, cvs, bins, ranges, n_bootstrap,
             block_size, seed, platform, progress, info, condition):
     u = reduced_energies(system, x, temperature, platform, progress)
@@ -814,6 +841,8 @@ def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
                  steps: int = 200, divergence="exact", batch_size: int = 32, seed: int = 0,
                  platform: str = "Reference", condition=None, fold: bool = False,
                  dtype: torch.dtype | None = None, denoise: bool = False,
+                 anneal_stages: int = 0, anneal_steps: int = 10, anneal_step_size=None,
+                 anneal_power: float = 1.0, samples=None,
                  progress: bool = True) -> ReweightingResult:
     """Draw i.i.d. samples from the model and reweight them to ``exp(-u/kT)``.
 
@@ -860,12 +889,27 @@ def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
         (:func:`~openmm_diffenergy.flow.denoise`) and add the step's exact ``log det J`` to
         ``-log q``. It removes most of the ``t_min`` noise from the stiff bonds, whose
         widening otherwise caps the ESS against a classical force field.
+    anneal_stages : int
+        With ``K > 0``, carry every sample on to the classical density by annealed
+        importance sampling (:func:`~openmm_diffenergy.annealing.anneal`): the weight
+        starts at ``-E_theta(x, t_min) - log q(x)`` and gains
+        ``-(beta_{k+1} - beta_k) (u/kT - E_theta)`` at each of ``K`` stages, with
+        ``anneal_steps`` MALA steps (step ``anneal_step_size``, model units^2) at each
+        ``beta_k = (k/K)^anneal_power``. The weights stay exact; the stiff modes relax
+        instead of entering the weights whole. An alternative to ``denoise``.
+    anneal_steps, anneal_step_size, anneal_power
+        See ``anneal_stages``.
+    samples : tuple of (array-like (n, N, 3), array-like (n,)), optional
+        Draws of the model (nm) with their exact ``-log q`` (:func:`sample_with_likelihood`
+        with the same ``t_min``), used instead of drawing ``n`` new ones.
     progress : bool
 
     Returns
     -------
     ReweightingResult
-        ``info["condition_fraction"]``: the fraction of samples inside ``condition``
+        With annealing, ``x`` are the annealed samples, ``proposal`` is
+        ``log w + u/kT`` (unnormalized) and ``info["annealing"]`` has the schedule and
+        the acceptance per stage. ``info["condition_fraction"]``: the fraction of samples inside ``condition``
         (before folding); with ``fold``, ``info["mirrored"]`` counts the reflected ones.
     """
     temperature = _default_temperature(model, temperature)
@@ -874,17 +918,26 @@ def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
     if fold and condition is None:
         raise ValueError("fold=True needs a condition to fold the samples into")
     flow_model = model if dtype is None else copy.deepcopy(model).to(dtype)
+    _check_anneal(anneal_stages, denoise)
     settings = dict(solver=solver, rtol=rtol, atol=atol, steps=steps, divergence=divergence,
                     batch_size=batch_size, seed=seed, progress=progress)
-    res = sample_with_likelihood(flow_model, n, **settings)
-    x = res.x.detach().to(torch.float64).numpy()
-    nll = res.nll.detach().to(torch.float64).numpy()
+    if samples is None:
+        res = sample_with_likelihood(flow_model, n, **settings)
+        x = res.x.detach().to(torch.float64).numpy()
+        nll = res.nll.detach().to(torch.float64).numpy()
+        info = {"sampler_failures": res.method.get("failures", []), "sampler": res.method,
+                "sample_seconds": res.method["seconds"]}
+    else:
+        x = np.asarray(samples[0], dtype=np.float64).reshape(-1, model.n_particles, 3)
+        nll = np.asarray(samples[1], dtype=np.float64).reshape(-1)
+        if len(x) != len(nll):
+            raise ValueError(f"samples: {len(x)} structures but {len(nll)} -log q values")
+        n = len(x)
+        info = {"sampler": "given"}
     ok = np.isfinite(x).all(axis=(1, 2)) & np.isfinite(nll)
     if not ok.any():
         raise ValueError("every sample blew up (non-finite positions or log q)")
-    info = {"kind": "iid", "n_requested": int(n), "n_dropped": int((~ok).sum()),
-            "sampler_failures": res.method.get("failures", []),
-            "sampler": res.method, "sample_seconds": res.method["seconds"]}
+    info.update(kind="iid", n_requested=int(n), n_dropped=int((~ok).sum()))
     if fold:
         x, nll = x[ok], nll[ok]
         nll, density = folded_log_density(flow_model, x, nll, **settings)
@@ -897,6 +950,12 @@ def reweight_iid(model, system: openmm.System, n: int = 256, temperature=None,
     x, nll = x[ok], nll[ok]
     if denoise:
         x, nll = _denoised(flow_model, x, nll, info)
+    if anneal_stages:
+        # log w0 = log exp(-E_theta) - log q: the samples, weighted to the learned energy
+        log_w0 = -model_energies(model, x) + nll
+        x, nll = _annealed(model, system, temperature, platform, x, log_w0, anneal_stages,
+                           anneal_steps, anneal_step_size, anneal_power, seed, progress,
+                           info)
     out = _finish(x, nll, "iid", system, temperature, topology, cvs, bins, ranges,
                   n_bootstrap, 1, seed, platform, progress, info, condition)
     out.info["seconds"] = time.perf_counter() - start
@@ -909,7 +968,8 @@ def reweight_md(model, system: openmm.System, positions=None, frames=None, tempe
                 save_interval=1.0, timestep=0.001, friction=1.0, equilibration=0.0,
                 n_replicas: int = 1, platform: str = "Reference", backend: str = "torchforce",
                 seed: int = 0, condition=None, denoise: bool = False,
-                progress: bool = True) -> ReweightingResult:
+                anneal_stages: int = 0, anneal_steps: int = 10, anneal_step_size=None,
+                anneal_power: float = 1.0, progress: bool = True) -> ReweightingResult:
     """Reweight frames of learned-force MD to ``exp(-u/kT)``: ``log w = -u/kT + E_theta``.
 
     MD with the learned force samples ``exp(-E_theta(x, t_min))`` whatever its
@@ -939,6 +999,10 @@ def reweight_md(model, system: openmm.System, positions=None, frames=None, tempe
     denoise : bool
         Take the frames one probability-flow step on to ``t = 0`` and add the step's
         exact ``log det J`` to ``E_theta`` (see :func:`reweight_iid`).
+    anneal_stages, anneal_steps, anneal_step_size, anneal_power
+        Carry the frames on to the classical density by annealed importance sampling
+        (see :func:`reweight_iid`); the weights start at 0. ``block_size`` still refers
+        to the order of the frames.
     progress : bool
 
     Returns
@@ -949,6 +1013,7 @@ def reweight_md(model, system: openmm.System, positions=None, frames=None, tempe
     """
     temperature = _default_temperature(model, temperature)
     _check_model_system(model, system)
+    _check_anneal(anneal_stages, denoise)
     if (positions is None) == (frames is None):
         raise ValueError("give exactly one of positions (to run MD) or frames")
     start = time.perf_counter()
@@ -974,6 +1039,10 @@ def reweight_md(model, system: openmm.System, positions=None, frames=None, tempe
     energy = model_energies(model, x)
     if denoise:
         x, energy = _denoised(model, x, energy, info)
+    if anneal_stages:
+        x, energy = _annealed(model, system, temperature, platform, x, np.zeros(len(x)),
+                              anneal_stages, anneal_steps, anneal_step_size, anneal_power,
+                              seed, progress, info)
     out = _finish(x, energy, "md", system, temperature, topology, cvs, bins, ranges,
                   n_bootstrap, block_size, seed, platform, progress, info, condition)
     out.info["seconds"] = time.perf_counter() - start
