@@ -39,6 +39,7 @@ Usage::
     python benchmarks/ala2_reweighting.py [--model models/ala2_aa.pt] [--quick]
 """
 import argparse
+import copy
 import hashlib
 import math
 import os
@@ -123,6 +124,15 @@ def main(argv=None):
     ap.add_argument("--no-denoise", dest="denoise", action="store_false",
                     help="reweight the samples at t_min as they are, instead of taking them "
                          "one exact probability-flow step on to t = 0 (de.denoise)")
+    ap.add_argument("--anneal-stages", type=int, default=100,
+                    help="annealed importance sampling (de.anneal) from E_theta to amber on "
+                         "the same i.i.d. samples and MD frames, reported as *_annealed "
+                         "(0: skip)")
+    ap.add_argument("--anneal-steps", type=int, default=10, help="MALA steps per stage")
+    ap.add_argument("--anneal-step-factor", type=float, default=0.5,
+                    help="MALA step, in units of sigma(t_min)^2 / alpha(t_min)^2")
+    ap.add_argument("--anneal-stride", type=int, default=4,
+                    help="anneal every this many MD frames (0.4 ps apart at the defaults)")
     ap.add_argument("--md-replicas", type=int, default=32,
                     help="learned-MD replicas, run as a batch in one Context")
     ap.add_argument("--md-ns", type=float, default=0.02, help="learned MD per replica, ns")
@@ -142,7 +152,7 @@ def main(argv=None):
     if args.quick:
         args.n_iid, args.iid_batch, args.md_replicas, args.md_ns = 8, 8, 2, 0.002
         args.n_compare, args.n_nll, args.lambdas, args.bar_ps = 20, 4, 3, 0.2
-        args.n_bootstrap = 10
+        args.n_bootstrap, args.anneal_stages, args.anneal_steps = 10, 4, 2
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
@@ -175,49 +185,83 @@ def main(argv=None):
 
     # 1. i.i.d. reweighting -----------------------------------------------------------
     t0 = time.perf_counter()
-    iid = None
+    iid = iid_ais = None
+    anneal = dict(anneal_stages=args.anneal_stages, anneal_steps=args.anneal_steps,
+                  anneal_step_size=args.anneal_step_factor * de.mcmc.default_step_size(
+                      model.sde, model.t_min))
+    common = dict(temperature=temperature, topology=top, bins=BINS,
+                  n_bootstrap=args.n_bootstrap, seed=args.seed, condition=l_chiral,
+                  progress=True)
+    iid_kw = dict(rtol=args.rtol, atol=args.rtol, batch_size=args.iid_batch,
+                  divergence=args.divergence, fold=args.fold,
+                  dtype=getattr(torch, args.dtype), **common)
     try:
-        iid = de.reweight_iid(model, system, n=args.n_iid, temperature=temperature,
-                              topology=top, bins=BINS, n_bootstrap=args.n_bootstrap,
-                              rtol=args.rtol, atol=args.rtol, batch_size=args.iid_batch,
-                              divergence=args.divergence, fold=args.fold,
-                              dtype=getattr(torch, args.dtype), denoise=args.denoise,
-                              seed=args.seed, condition=l_chiral, progress=True)
+        flow_model = copy.deepcopy(model).to(getattr(torch, args.dtype))
+        draws = de.sample_with_likelihood(flow_model, args.n_iid, rtol=args.rtol,
+                                          atol=args.rtol, divergence=args.divergence,
+                                          batch_size=args.iid_batch, seed=args.seed,
+                                          progress=True)
+        samples = (draws.x.detach().double().numpy(), draws.nll.detach().double().numpy())
+        out["iid_sampler_failures"] = draws.method.get("failures", [])
+        out["iid_sampler_nfe"] = draws.method["nfe"]
+        timings["iid_sampling_seconds"] = time.perf_counter() - t0
+        iid = de.reweight_iid(model, system, samples=samples, denoise=args.denoise,
+                              **iid_kw)
         out["n_iid"] = len(iid.x)
         out["iid_fold"] = args.fold
         out["iid_mirrored"] = iid.info.get("mirrored", 0)
         out["iid_density_failures"] = iid.info.get("density_failures", [])
         out["n_iid_dropped"] = iid.info["n_dropped"]
-        out["iid_sampler_failures"] = iid.info["sampler_failures"]
-        out["iid_sampler_nfe"] = iid.info["sampler"]["nfe"]
         out["iid_denoise_failed"] = iid.info.get("denoise_failed", 0)
+        if args.anneal_stages:
+            t1 = time.perf_counter()
+            iid_ais = de.reweight_iid(model, system, samples=samples, **anneal, **iid_kw)
+            out["n_iid_annealed"] = len(iid_ais.x)
+            out["iid_annealing_acceptance"] = iid_ais.info["annealing"]["mean_acceptance"]
+            timings["iid_annealing_seconds"] = time.perf_counter() - t1
     except Exception as err:     # a bad model must not stop the benchmark
         out["iid_error"] = f"{type(err).__name__}: {err}"
         out["n_iid"] = 0
     out.update(profile_summary(iid, ref_profile, "iid"))
+    if args.anneal_stages:
+        out.update(profile_summary(iid_ais, ref_profile, "iid_annealed"))
     timings["iid_seconds"] = time.perf_counter() - t0
-    print(f"iid: ESS {out['ess_iid']}, phi RMSE {out['phi_fe_rmse_kt_iid']} kT "
-          f"({timings['iid_seconds']:.0f} s)", flush=True)
+    print(f"iid: ESS {out['ess_iid']}, phi RMSE {out['phi_fe_rmse_kt_iid']} kT; annealed: "
+          f"ESS {out.get('ess_iid_annealed')}, phi RMSE "
+          f"{out.get('phi_fe_rmse_kt_iid_annealed')} kT ({timings['iid_seconds']:.0f} s)",
+          flush=True)
 
     # 2. MD reweighting -----------------------------------------------------------------
     t0 = time.perf_counter()
-    md = None
+    md = md_ais = None
     n_frames = max(1, int(round(args.md_ns * 1000 / args.md_save_ps)))
     starts = ref.xyz[rng.choice(len(ref.xyz), args.md_replicas, replace=False)]
     try:
-        md = de.reweight_md(model, system, positions=starts, temperature=temperature,
-                            topology=top, bins=BINS, n_bootstrap=args.n_bootstrap,
-                            block_size=10, n_frames=n_frames, save_interval=args.md_save_ps,
-                            timestep=0.001, n_replicas=args.md_replicas, seed=args.seed,
-                            condition=l_chiral, denoise=args.denoise, progress=True)
+        runs = de.run_learned_md(model, system, starts, temperature=temperature,
+                                 n_frames=n_frames, save_interval=args.md_save_ps,
+                                 timestep=0.001, n_replicas=args.md_replicas, seed=args.seed,
+                                 progress=True)
+        out["md_replicas"] = [{"frames": len(r["frames"]), "stopped": r["stopped"]}
+                              for r in runs]
+        frames = np.concatenate([r["frames"] for r in runs])    # replica after replica
+        timings["md_run_seconds"] = time.perf_counter() - t0
+        md = de.reweight_md(model, system, frames=frames, block_size=10,
+                            denoise=args.denoise, **common)
         out["n_md"] = len(md.x)
         out["md_denoise_failed"] = md.info.get("denoise_failed", 0)
-        out["md_replicas"] = md.info["replicas"]
         bonds = np.array([(b[0].index, b[1].index) for b in ref.topology.bonds])
         ref_len = np.linalg.norm(ref.xyz[:, bonds[:, 0]] - ref.xyz[:, bonds[:, 1]], axis=-1)
         md_len = np.linalg.norm(md.x[:, bonds[:, 0]] - md.x[:, bonds[:, 1]], axis=-1)
         ratio = md_len / ref_len.mean(0)
         out["md_intact_fraction"] = float(((ratio > 0.8) & (ratio < 1.25)).all(1).mean())
+        if args.anneal_stages:
+            t1 = time.perf_counter()
+            md_ais = de.reweight_md(model, system, frames=frames[::args.anneal_stride],
+                                    block_size=max(1, 10 // args.anneal_stride), **anneal,
+                                    **common)
+            out["n_md_annealed"] = len(md_ais.x)
+            out["md_annealing_acceptance"] = md_ais.info["annealing"]["mean_acceptance"]
+            timings["md_annealing_seconds"] = time.perf_counter() - t1
     except Exception as err:
         out["md_error"] = f"{type(err).__name__}: {err}"
         out["n_md"] = 0
@@ -225,8 +269,12 @@ def main(argv=None):
     out["md_ns_per_replica"] = args.md_ns
     out.update(profile_summary(md, ref_profile, "md"))
     timings["md_seconds"] = time.perf_counter() - t0
+    if args.anneal_stages:
+        out.update(profile_summary(md_ais, ref_profile, "md_annealed"))
     print(f"md: ESS {out['ess_md']}, phi RMSE {out['phi_fe_rmse_kt_md']} kT, "
-          f"{out['n_md']} frames ({timings['md_seconds']:.0f} s)", flush=True)
+          f"{out['n_md']} frames; annealed: ESS {out.get('ess_md_annealed')}, phi RMSE "
+          f"{out.get('phi_fe_rmse_kt_md_annealed')} kT ({timings['md_seconds']:.0f} s)",
+          flush=True)
 
     # 3. energy comparison ------------------------------------------------------------
     t0 = time.perf_counter()
@@ -310,6 +358,10 @@ def main(argv=None):
             profs[f"{label} reweighted"] = res.profiles["phi"]
             profs[f"{label} unweighted"] = res.proposal_profiles["phi"]
             rama[f"{label} reweighted"] = (res.cvs["phi"], res.cvs["psi"], res.weights)
+    for label, res in (("i.i.d.", iid_ais), ("learned MD", md_ais)):
+        if res is not None:
+            profs[f"{label} annealed"] = res.profiles["phi"]
+            rama[f"{label} annealed"] = (res.cvs["phi"], res.cvs["psi"], res.weights)
     plots.plot_free_energy_profiles(profs, os.path.join(args.plots, "phi_profiles.png"),
                                     xlabel="phi (rad)", ymax=15.0,
                                     title="alanine dipeptide, 300 K (clipped at 15 kT)")
@@ -329,8 +381,21 @@ def main(argv=None):
                  bool(out["spearman_learned_vs_classical"] >= 0.8)}
     timings["total_seconds"] = time.perf_counter() - t_start
     out["gates"] = gates
+    if args.anneal_stages:
+        # the same thresholds on the annealed estimators (not the issue's definition of
+        # the MD weights, which is the direct log w = -u/kT + E_theta)
+        out["gates_annealed"] = {
+            f"phi_fe_rmse_kt_{label}_annealed_le_0.5": bool(
+                out[f"phi_fe_rmse_kt_{label}_annealed"] <= 0.5
+                and out.get(f"phi_fe_missing_bins_{label}_annealed", 1) == 0)
+            for label in ("iid", "md")}
+        out["gates_annealed"]["ess_iid_annealed_ge_0.01"] = bool(
+            out["ess_iid_annealed"] >= 0.01)
     out["timings"] = timings
-    print("gates:", ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in gates.items()))
+    for name in ("gates", "gates_annealed"):
+        if name in out:
+            print(f"{name}:", ", ".join(f"{k}: {'PASS' if v else 'FAIL'}"
+                                        for k, v in out[name].items()))
     write_json(args.out, clean(out))
     print(f"wrote {args.out} ({timings['total_seconds']:.0f} s)")
     return out

@@ -510,9 +510,12 @@ def test_reweighting_benchmark_quick(tmp_path):
     for key in ("ess_iid", "ess_md", "phi_fe_rmse_kt_iid", "phi_fe_rmse_kt_md",
                 "spearman_learned_vs_classical", "slope_learned_vs_classical_kt",
                 "delta_f_bar_kt", "delta_f_bar_kt_uncertainty", "n_iid", "n_md", "n_compare",
-                "hardware", "gates"):
+                "hardware", "gates", "ess_iid_annealed", "ess_md_annealed",
+                "phi_fe_rmse_kt_iid_annealed", "phi_fe_rmse_kt_md_annealed", "gates_annealed"):
         assert key in data, key
     assert data["iid_fold"] is False and data["n_iid"] > 0 and "iid_error" not in data
+    assert "md_error" not in data and data["n_md_annealed"] > 0
+    assert data["n_iid_annealed"] == data["n_iid"] + data["iid_denoise_failed"]
     assert set(data["gates"]) == {"ess_iid_ge_0.01", "phi_fe_rmse_kt_iid_le_0.5",
                                   "phi_fe_rmse_kt_md_le_0.5",
                                   "spearman_learned_vs_classical_ge_0.8"}
