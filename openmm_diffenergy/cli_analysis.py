@@ -252,11 +252,20 @@ def _reweight_arguments(p) -> None:
                    help="MD per replica when no --frames are given, ps (1 fs steps, a frame "
                         "every 0.1 ps)")
     p.add_argument("--replicas", type=positive_int, default=1, help="MD replicas")
+    p.add_argument("--anneal-stages", type=int, default=0,
+                   help="carry the samples on to the force field by annealed importance "
+                        "sampling with this many stages (0: plain weights); exact weights, "
+                        "far less spread when the stiff modes are off (see README)")
+    p.add_argument("--anneal-steps", type=positive_int, default=10,
+                   help="MALA steps per annealing stage")
+    p.add_argument("--anneal-step-size", type=positive_float, default=None,
+                   help="MALA step, model units^2 (default sigma(t_min)^2 / alpha(t_min)^2; "
+                        "half that was accepted 72%% of the time for alanine dipeptide)")
     p.add_argument("--seed", type=int, default=0)
     _add_target_arguments(p)
     _add_output_arguments(p, "reweight.csv",
                           "per-sample results, .csv or .json: normalized log weight, u/kT, "
-                          "and -log q (iid) or E(x, t_min) (md)",
+                          "and -log q (iid), E(x, t_min) (md) or, annealed, log w + u/kT",
                           "the phi free-energy profiles (alanine dipeptide)")
 
 
@@ -267,8 +276,12 @@ def _reweight_run(args) -> int:
     system, traj, temperature, condition = _target(args, model)
     top = traj.topology.to_openmm()
     cvs = ("phi", "psi") if _has_phi_psi(traj) else ()
+    if args.anneal_stages < 0:
+        raise ValueError(f"--anneal-stages must be >= 0, got {args.anneal_stages}")
     common = dict(temperature=temperature, topology=top, cvs=cvs, condition=condition,
-                  seed=args.seed, progress=not args.no_progress)
+                  seed=args.seed, progress=not args.no_progress,
+                  anneal_stages=args.anneal_stages, anneal_steps=args.anneal_steps,
+                  anneal_step_size=args.anneal_step_size)
     if args.mode == "iid":
         if args.frames:
             raise ValueError("--frames are for --mode md")
@@ -284,6 +297,8 @@ def _reweight_run(args) -> int:
                               n_frames=max(1, int(round(args.md_ps * 10))), save_interval=0.1,
                               n_replicas=args.replicas, **common)
         proposal = "energy_kT"
+    if args.anneal_stages:
+        proposal = "log_w_plus_u"        # annealed: log w (unnormalized) + u/kT
     columns = {"sample": list(range(len(res.x))), "log_weight": res.log_weights.tolist(),
                "reduced_energy": res.reduced_energy.tolist(), proposal: res.proposal.tolist()}
     _write_rows(args.out, columns, {"model": os.path.abspath(args.model), "mode": args.mode,

@@ -62,6 +62,16 @@ def test_reweight_md_frames_and_iid(frames, tmp_path, capsys):
     logw = np.array([float(r.split(",")[1]) for r in rows[1:]])
     assert np.exp(logw).sum() == pytest.approx(1.0, rel=1e-5)
     assert "Kish ESS" in capsys.readouterr().out
+    # annealed: the same frames carried on to amber; log w = -u/kT + the last column
+    out = str(tmp_path / "ais.csv")
+    assert main(["reweight", AA_MODEL, "--mode", "md", "--frames", frames["dcd"], "--top",
+                 frames["pdb"], "--out", out, "--no-progress", "--no-png",
+                 "--anneal-stages", "3", "--anneal-steps", "2"]) == 0
+    table = np.loadtxt(out, delimiter=",", skiprows=1)
+    assert open(out).readline().strip().endswith("log_w_plus_u") and len(table) == 6
+    lw = table[:, 3] - table[:, 2]
+    norm = lw.max() + np.log(np.exp(lw - lw.max()).sum())
+    np.testing.assert_allclose(table[:, 1], lw - norm, atol=2e-3)     # 6 digits in the CSV
     out = str(tmp_path / "iid.json")
     assert main(["reweight", AA_MODEL, "--mode", "iid", "--n", "3", "--out", out,
                  "--no-progress", "--no-png"]) == 0
@@ -93,6 +103,7 @@ def test_demo_runs_and_writes_its_outputs(tmp_path, capsys):
     (["reweight", AA_MODEL, "--out", "w.txt"], "reweight", ".csv or .json"),
     (["reweight", CG_MODEL, "--n", "2", "--out", "w.csv"], "reweight", "atoms"),
     (["reweight", AA_MODEL, "--mode", "iid", "--frames", "a.dcd"], "reweight", "--mode md"),
+    (["reweight", AA_MODEL, "--anneal-stages", "-2"], "reweight", "anneal-stages"),
     (["demo", "--n-iid", "0"], "demo", "0"),
 ])
 def test_bad_arguments_give_one_line(argv, command, needle, tmp_path, capsys, monkeypatch):
