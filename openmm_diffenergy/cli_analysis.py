@@ -114,6 +114,8 @@ def _demo_arguments(p) -> None:
     p.add_argument("--replicas", type=positive_int, default=4, help="MD replicas")
     p.add_argument("--n-compare", type=positive_int, default=100,
                    help="reference frames (and as many decoys) for the energy comparison")
+    p.add_argument("--anneal-stages", type=positive_int, default=50,
+                   help="stages of the annealed importance sampling of the MD frames")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -125,7 +127,7 @@ def _demo_run(args) -> int:
     _set_threads(args.threads)
     run_demo(args.out_dir, model=args.model, data=args.data, n_iid=args.n_iid,
              md_ps=args.md_ps, replicas=args.replicas, n_compare=args.n_compare,
-             seed=args.seed, progress=not args.no_progress)
+             anneal_stages=args.anneal_stages, seed=args.seed, progress=not args.no_progress)
     return 0
 
 

@@ -30,8 +30,8 @@ DEFAULT_DATA = os.path.join(_ROOT, "data", "ala2_vacuum.npz")
 
 def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
              data: str = DEFAULT_DATA, n_iid: int = 128, md_ps: float = 20.0,
-             replicas: int = 4, n_compare: int = 100, seed: int = 0, progress: bool = True,
-             log=print) -> dict:
+             replicas: int = 4, n_compare: int = 100, anneal_stages: int = 50, seed: int = 0,
+             progress: bool = True, log=print) -> dict:
     """Run the demo and write its trajectory, plots and a JSON summary to ``out_dir``.
 
     Parameters
@@ -50,6 +50,8 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
     replicas : int
     n_compare : int
         Reference frames (and as many decoys) in the energy comparison.
+    anneal_stages : int
+        Stages of the annealed importance sampling of every second MD frame to amber.
     seed : int
     progress : bool
     log : callable
@@ -67,9 +69,11 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
     from .alanine import is_l_chiral
     from .compare import compare_energies
     from .io import atomic_write, load_model
-    from .reweighting import reweight_iid, reweight_md
+    from .mcmc import default_step_size
+    from .reweighting import profile_rmse, reweight_iid, reweight_md, run_learned_md
 
-    for name, value in (("n_iid", n_iid), ("replicas", replicas), ("n_compare", n_compare)):
+    for name, value in (("n_iid", n_iid), ("replicas", replicas), ("n_compare", n_compare),
+                        ("anneal_stages", anneal_stages)):
         if int(value) < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     if not md_ps > 0:
@@ -92,15 +96,34 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
     log(f"[1/4] learned-force MD: {replicas} replicas x {md_ps:g} ps at 1 fs")
     t0 = time.perf_counter()
     starts = ref.xyz[rng.choice(len(ref.xyz), replicas, replace=False)]
-    md = reweight_md(net, system, positions=starts, n_frames=max(1, int(round(md_ps * 10))),
-                     save_interval=0.1, timestep=0.001, n_replicas=replicas, block_size=10,
-                     denoise=True, **common)
-    traj = mdtraj.Trajectory(md.x.astype(np.float32), ref.topology)
+    runs = run_learned_md(net, system, starts, temperature=temperature,
+                          n_frames=max(1, int(round(md_ps * 10))), save_interval=0.1,
+                          timestep=0.001, n_replicas=replicas, seed=seed, progress=progress)
+    frames = np.concatenate([r["frames"] for r in runs])       # replica after replica
+    if len(frames) == 0:
+        raise RuntimeError("the learned-force MD stopped before its first frame: "
+                           + "; ".join(str(r["stopped"]) for r in runs))
+    traj = mdtraj.Trajectory(frames.astype(np.float32), ref.topology)
     traj[0].save_pdb(os.path.join(out_dir, "learned_md.pdb"))
     traj.save_dcd(os.path.join(out_dir, "learned_md.dcd"))
+    md = reweight_md(net, system, frames=frames, block_size=10, denoise=True, **common)
+    ref_profile = _reference_profile(ref_pp[:, 0], temperature)
     summary.update(md_frames=int(len(md.x)), md_ps_per_replica=md_ps, ess_md=md.ess,
+                   phi_rmse_kt_md=profile_rmse(md.profiles["phi"], ref_profile)["rmse_kt"],
                    js_md=phi_psi_js(ref_pp, _cv_pairs(md)),
                    md_seconds=time.perf_counter() - t0)
+
+    log(f"[1b] annealed importance sampling of every 2nd MD frame to amber ({anneal_stages} "
+        "stages x 10 MALA steps)")
+    t0 = time.perf_counter()
+    step = 0.5 * default_step_size(net.sde, net.t_min)
+    ais = reweight_md(net, system, frames=frames[::2], block_size=5,
+                      anneal_stages=anneal_stages, anneal_step_size=step, **common)
+    summary.update(md_frames_annealed=int(len(ais.x)), ess_md_annealed=ais.ess,
+                   phi_rmse_kt_md_annealed=profile_rmse(ais.profiles["phi"],
+                                                        ref_profile)["rmse_kt"],
+                   annealing_acceptance=ais.info["annealing"]["mean_acceptance"],
+                   annealing_seconds=time.perf_counter() - t0)
 
     log(f"[2/4] {n_iid} i.i.d. samples with exact -log p0 (flow ODE, RK4, exact divergence by "
         "forward Laplacian)")
@@ -131,13 +154,13 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
                    compare_seconds=time.perf_counter() - t0)
 
     log("[4/4] plots")
-    ref_profile = _reference_profile(ref_pp[:, 0], temperature)
     plots.plot_ramachandran({"reference MD (amber14)": (ref_pp[:, 0], ref_pp[:, 1]),
                              "learned-force MD": (md.cvs["phi"], md.cvs["psi"]),
                              "i.i.d. samples": (iid_pp[:, 0], iid_pp[:, 1])},
                             os.path.join(out_dir, "ramachandran.png"))
     plots.plot_free_energy_profiles(
         {"reference MD": ref_profile, "learned MD, reweighted": md.profiles["phi"],
+         "learned MD, annealed": ais.profiles["phi"],
          "i.i.d., reweighted": iid.profiles["phi"]},
         os.path.join(out_dir, "phi_profiles.png"), xlabel="phi (rad)", ymax=15.0)
     plots.plot_energy_scatter(cmp.reduced_classical, cmp.learned_kt,
@@ -151,7 +174,10 @@ def run_demo(out_dir: str = "outputs/demo", model: str = DEFAULT_MODEL,
     with atomic_write(os.path.join(out_dir, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1, allow_nan=True)
     log(f"ESS (Kish, fraction): i.i.d. {summary['ess_iid']:.4f} of {summary['n_iid']}, "
-        f"learned MD {summary['ess_md']:.4f} of {summary['md_frames']} frames")
+        f"learned MD {summary['ess_md']:.4f} of {summary['md_frames']} frames, annealed "
+        f"{summary['ess_md_annealed']:.4f} of {summary['md_frames_annealed']}")
+    log(f"phi free-energy RMSE vs reference MD: learned MD {summary['phi_rmse_kt_md']:.2f} kT, "
+        f"annealed {summary['phi_rmse_kt_md_annealed']:.2f} kT (bins >= 1% populated)")
     log(f"phi/psi JS divergence vs reference MD: i.i.d. {summary['js_iid']:.3f}, "
         f"learned MD {summary['js_md']:.3f} (nats, 64 x 64 bins)")
     log(f"learned vs amber: Spearman {corr['spearman']:.3f}, Pearson {corr['pearson']:.3f}, "

@@ -84,12 +84,14 @@ def test_reweight_md_frames_and_iid(frames, tmp_path, capsys):
 def test_demo_runs_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out-dir", str(out), "--n-iid", "4", "--md-ps", "0.3",
-                 "--replicas", "1", "--n-compare", "5", "--no-progress"]) == 0
+                 "--replicas", "1", "--n-compare", "5", "--anneal-stages", "2",
+                 "--no-progress"]) == 0
     text = capsys.readouterr().out
-    for needle in ("ESS", "JS divergence", "Spearman"):
+    for needle in ("ESS", "JS divergence", "Spearman", "annealed"):
         assert needle in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_iid"] >= 1 and summary["md_frames"] == 3
+    assert summary["md_frames_annealed"] == 2 and 0 < summary["ess_md_annealed"] <= 1
     assert 0 <= summary["js_md"] <= np.log(2) and 0 <= summary["js_iid"] <= np.log(2)
     traj = mdtraj.load(str(out / "learned_md.dcd"), top=str(out / "learned_md.pdb"))
     assert traj.n_frames == 3 and traj.n_atoms == 22
@@ -105,6 +107,7 @@ def test_demo_runs_and_writes_its_outputs(tmp_path, capsys):
     (["reweight", AA_MODEL, "--mode", "iid", "--frames", "a.dcd"], "reweight", "--mode md"),
     (["reweight", AA_MODEL, "--anneal-stages", "-2"], "reweight", "anneal-stages"),
     (["demo", "--n-iid", "0"], "demo", "0"),
+    (["demo", "--anneal-stages", "0"], "demo", "anneal-stages"),
 ])
 def test_bad_arguments_give_one_line(argv, command, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
