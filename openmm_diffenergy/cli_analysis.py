@@ -83,7 +83,7 @@ def _write_rows(path: str, columns: dict, extra: dict) -> None:
         _write_text(path, json.dumps({**extra, **columns}, indent=1) + "\n")
         return
     names = list(columns)
-    rows = [",".join(names)] + [",".join(f"{v:.6g}" if isinstance(v, float) else str(v)
+    rows = [",".join(names)] + [",".join(f"{v:.10g}" if isinstance(v, float) else str(v)
                                          for v in row) for row in zip(*columns.values())]
     _write_text(path, "\n".join(rows) + "\n")
 

@@ -71,7 +71,7 @@ def test_reweight_md_frames_and_iid(frames, tmp_path, capsys):
     assert open(out).readline().strip().endswith("log_w_plus_u") and len(table) == 6
     lw = table[:, 3] - table[:, 2]
     norm = lw.max() + np.log(np.exp(lw - lw.max()).sum())
-    np.testing.assert_allclose(table[:, 1], lw - norm, atol=2e-3)     # 6 digits in the CSV
+    np.testing.assert_allclose(table[:, 1], lw - norm, atol=1e-5)     # 10 digits in the CSV
     out = str(tmp_path / "iid.json")
     assert main(["reweight", AA_MODEL, "--mode", "iid", "--n", "3", "--out", out,
                  "--no-progress", "--no-png"]) == 0
