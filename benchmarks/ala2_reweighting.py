@@ -295,8 +295,10 @@ def main(argv=None):
                                       nll_options={"solver": "rk4", "steps": 200,
                                                    "divergence": args.divergence,
                                                    "progress": True})
-        nll_cmp = {"spearman_nll_vs_classical": cmp_nll.nll_vs_classical["spearman"],
-                   "slope_nll_vs_classical_kt": cmp_nll.nll_vs_classical["slope"],
+        nll_corr = cmp_nll.nll_vs_classical or {}
+        nll_cmp = {"spearman_nll_vs_classical": nll_corr.get("spearman", float("nan")),
+                   "slope_nll_vs_classical_kt": nll_corr.get("slope", float("nan")),
+                   "n_nll_failed": cmp_nll.info["nll_failed"],
                    "spearman_learned_vs_classical_nll_subset":
                        cmp_nll.learned_vs_classical["spearman"],
                    "decoy_ranking_nll_subset": cmp_nll.ranking.get("nll")}

@@ -183,7 +183,10 @@ def compare_energies(model, system: openmm.System, xyz, temperature=None, refere
         Also compute the probability-flow ``-log p_0`` (exact divergence; costly).
     nll_options : dict, optional
         Passed to :func:`openmm_diffenergy.nll`; default adaptive dopri5 with
-        ``rtol = atol = 1e-5`` and batches of 32.
+        ``rtol = atol = 1e-5`` and batches of 32. Structures whose fixed-step solve
+        fails (NaN ``-log p0``, e.g. RK4 on a badly strained decoy) are counted in
+        ``info["nll_failed"]``, left out of ``nll_vs_classical`` (empty if fewer than 3
+        remain) and rank last.
     platform : str
     progress : bool
 
@@ -226,13 +229,17 @@ def compare_energies(model, system: openmm.System, xyz, temperature=None, refere
                                "model's score is probably not finite on these "
                                "structures") from None
         out.nll = res.nll_model.detach().to(torch.float64).numpy()
-        out.nll_vs_classical = correlation(out.nll, reduced)
+        solved = np.isfinite(out.nll)
+        out.info["nll_failed"] = int((~solved).sum())
+        if solved.sum() >= 3:
+            out.nll_vs_classical = correlation(out.nll[solved], reduced[solved])
         out.info["nll_method"] = {k: v for k, v in res.method.items()}
     if reference is not None:
         out.rmsd_nm = rmsd_to_reference(arr, reference, atom_indices)
         out.ranking["learned"] = decoy_ranking(learned, out.rmsd_nm)
         out.ranking["classical"] = decoy_ranking(reduced, out.rmsd_nm)
         if out.nll is not None:
-            out.ranking["nll"] = decoy_ranking(out.nll, out.rmsd_nm)
+            out.ranking["nll"] = decoy_ranking(np.where(np.isfinite(out.nll), out.nll,
+                                                        np.inf), out.rmsd_nm)
     out.info["seconds"] = time.perf_counter() - start
     return out

@@ -101,6 +101,29 @@ def test_compare_energies_exact_model_has_slope_one():
         de.compare_energies(gm, system, x, temperature=-1.0)
 
 
+class NaNBeyond(de.GaussianMixtureEnergy):
+    """The pair model, with a NaN energy where the first coordinate exceeds 1 at t > 0.3:
+    finite at t_min, so only the flow solve fails."""
+
+    def forward(self, y, t):
+        nan_where = torch.where((y[:, 0] > 1.0) & (t > 0.3),
+                                torch.full_like(y[:, 0], float("nan")),
+                                torch.zeros_like(y[:, 0]))
+        return super().forward(y, t) + nan_where * y[:, 0]
+
+
+def test_compare_energies_counts_failed_likelihoods():
+    gm, system = harmonic_pair_setup()
+    broken = NaNBeyond.from_config(gm.config())
+    x = gm.sample(12, torch.Generator().manual_seed(1)).numpy()
+    x[:3, 0, 0] = 0.2                # y_0 = 4 in model units: NaN scores on those paths
+    res = de.compare_energies(broken, system, x, temperature=300.0, reference=x[5] * 0,
+                              nll=True, nll_options={"solver": "rk4", "steps": 20})
+    assert res.info["nll_failed"] == 3 and np.isnan(res.nll[:3]).all()
+    assert res.nll_vs_classical["n"] == 9
+    assert res.ranking["nll"]["best_index"] >= 3
+
+
 def test_plots_write_png(tmp_path):
     rng = np.random.default_rng(0)
     a = rng.normal(size=2000)
