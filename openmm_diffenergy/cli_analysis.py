@@ -254,7 +254,7 @@ def _reweight_arguments(p) -> None:
                    help="MD per replica when no --frames are given, ps (1 fs steps, a frame "
                         "every 0.1 ps)")
     p.add_argument("--replicas", type=positive_int, default=1, help="MD replicas")
-    p.add_argument("--anneal-stages", type=int, default=0,
+    p.add_argument("--anneal-stages", type=_nonnegative_int, default=0,
                    help="carry the samples on to the force field by annealed importance "
                         "sampling with this many stages (0: plain weights); exact weights, "
                         "far less spread when the stiff modes are off (see README)")
@@ -278,8 +278,6 @@ def _reweight_run(args) -> int:
     system, traj, temperature, condition = _target(args, model)
     top = traj.topology.to_openmm()
     cvs = ("phi", "psi") if _has_phi_psi(traj) else ()
-    if args.anneal_stages < 0:
-        raise ValueError(f"--anneal-stages must be >= 0, got {args.anneal_stages}")
     common = dict(temperature=temperature, topology=top, cvs=cvs, condition=condition,
                   seed=args.seed, progress=not args.no_progress,
                   anneal_stages=args.anneal_stages, anneal_steps=args.anneal_steps,
