@@ -14,6 +14,7 @@ import torch
 from scipy import stats
 
 import openmm_diffenergy as de
+from _helpers import bonded_pair
 from openmm_diffenergy.annealing import ClassicalEnergy, anneal, beta_schedule
 
 KT = de.kt_kj_per_mol(300.0)
@@ -29,13 +30,7 @@ def pair_model():
 
 
 def pair_system(v=V_TARGET):
-    system = openmm.System()
-    for _ in range(2):
-        system.addParticle(12.0)
-    bond = openmm.HarmonicBondForce()
-    bond.addBond(0, 1, 0.0, KT / v)
-    system.addForce(bond)
-    return system
+    return bonded_pair(KT / v)          # Var(x1 - x0) = v per axis
 
 
 def exact_ess(s_q, s_p, d):

@@ -2,11 +2,11 @@
 import os
 
 import numpy as np
-import openmm
 import pytest
 import torch
 
 import openmm_diffenergy as de
+from _helpers import bonded_pair
 from openmm_diffenergy import plots
 
 KT = de.kt_kj_per_mol(300.0)
@@ -70,13 +70,7 @@ def test_decoy_ranking():
 
 def harmonic_pair_setup():
     gm = de.GaussianMixtureEnergy(np.zeros((1, 2, 3)), [0.0005], length_scale=0.05)
-    system = openmm.System()
-    for _ in range(2):
-        system.addParticle(12.0)
-    bond = openmm.HarmonicBondForce()
-    bond.addBond(0, 1, 0.0, KT / (2 * 0.0005))   # exp(-u/kT) equals the model's density
-    system.addForce(bond)
-    return gm, system
+    return gm, bonded_pair(KT / (2 * 0.0005))    # exp(-u/kT) equals the model's density
 
 
 def test_compare_energies_exact_model_has_slope_one():

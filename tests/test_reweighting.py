@@ -13,6 +13,7 @@ from openmm import unit
 from scipy import stats
 
 import openmm_diffenergy as de
+from _helpers import bonded_pair
 
 KT = de.kt_kj_per_mol(300.0)
 
@@ -190,13 +191,7 @@ def pair_model(t_min=0.0):
 
 
 def pair_system(k=K_BOND):
-    system = openmm.System()
-    for _ in range(2):
-        system.addParticle(12.0)
-    bond = openmm.HarmonicBondForce()
-    bond.addBond(0, 1, 0.0, k)
-    system.addForce(bond)
-    return system
+    return bonded_pair(k)
 
 
 def test_potential_forces_of_a_harmonic_pair():
