@@ -182,13 +182,14 @@ def anneal(model, target: ClassicalEnergy, x, betas=None, steps_per_stage: int =
         return (e, se.detach().double(), torch.from_numpy(u),
                 -torch.from_numpy(gu).reshape(y.shape) * s)
 
+    def combine(beta, e, se, u, su):
+        """``U_beta`` and its score from the components."""
+        # beta = 0 or 1 must not see the other term's infinities
+        energy = (e if beta < 1 else 0.0) * (1 - beta) + (u if beta > 0 else 0.0) * beta
+        return energy, (1 - beta) * se + beta * su
+
     def mixed(beta):
-        def fn(y):
-            e, se, u, su = components(y)
-            # beta = 0 or 1 must not see the other term's infinities
-            energy = (e if beta < 1 else 0.0) * (1 - beta) + (u if beta > 0 else 0.0) * beta
-            return energy, (1 - beta) * se + beta * su
-        return fn
+        return lambda y: combine(beta, *components(y))
 
     out_x, out_w, out_u, out_e = [], [], [], []
     acceptance = np.zeros(betas.size - 1)
@@ -197,13 +198,16 @@ def anneal(model, target: ClassicalEnergy, x, betas=None, steps_per_stage: int =
     for chunk in np.array_split(x, n_batches):
         y = torch.from_numpy(chunk.reshape(len(chunk), -1) / s)
         log_w = torch.zeros(len(chunk), dtype=torch.float64)
+        parts = None            # components at y, carried into the next stage's chain
         for k in range(betas.size - 1):
-            y, acc = mala_chain(mixed(float(betas[k])), y, int(steps_per_stage), h,
-                                model.n_particles, generator)
+            beta = float(betas[k])
+            y, acc = mala_chain(mixed(beta), y, int(steps_per_stage), h, model.n_particles,
+                                generator, start=None if parts is None else combine(beta,
+                                                                                   *parts))
             acceptance[k] += acc * len(chunk) / len(x) if steps_per_stage else 0.0
-            with torch.no_grad():
-                e, _, u, _ = components(y)
-            log_w = log_w - float(betas[k + 1] - betas[k]) * (u - e)
+            parts = components(y)
+            e, u = parts[0], parts[2]
+            log_w = log_w - float(betas[k + 1] - beta) * (u - e)
             bar.update(1)
         log_w = torch.nan_to_num(log_w, nan=-math.inf)
         out_x.append((y * s).reshape(chunk.shape).numpy())

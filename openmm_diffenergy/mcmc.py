@@ -50,7 +50,8 @@ def check_settings(sde, t: float, steps, step_size, names=("steps", "step_size")
 
 
 def mala_chain(energy_and_score_fn, y, steps: int, step_size: float,
-               n_particles: int | None, generator=None, progress: bool = False):
+               n_particles: int | None, generator=None, progress: bool = False,
+               start=None):
     """MALA on any unnormalized density ``exp(-U(y))``.
 
     Parameters
@@ -67,6 +68,9 @@ def mala_chain(energy_and_score_fn, y, steps: int, step_size: float,
     n_particles : int or None
     generator : torch.Generator, optional
     progress : bool
+    start : tuple of torch.Tensor, optional
+        ``(U, -grad U)`` at ``y`` when the caller has them already (saves one
+        evaluation); ``U`` and the score must be translation-invariant for particles.
 
     Returns
     -------
@@ -81,7 +85,10 @@ def mala_chain(energy_and_score_fn, y, steps: int, step_size: float,
         e, s = energy_and_score_fn(v.detach())
         return torch.nan_to_num(e.detach(), nan=math.inf), s.detach()
 
-    e, s = evaluate(y)
+    if start is None:
+        e, s = evaluate(y)
+    else:
+        e, s = torch.nan_to_num(start[0].detach(), nan=math.inf), start[1].detach()
     accepted = 0.0
     for _ in tqdm(range(steps), desc="MALA", disable=not progress, leave=False):
         z = subspace_noise(y.shape, n_particles, generator=generator, dtype=y.dtype)
