@@ -143,6 +143,7 @@ def generate_reference(out: str, ns: float = 20.0, save_ps: float = 2.0, chunk_p
 
     from .alanine import alanine_system, build_alanine_dipeptide, is_l_chiral
     from .io import atomic_write
+    from .openmm_force import openmm_seed
 
     for name, value in (("ns", ns), ("save_ps", save_ps), ("chunk_ps", chunk_ps),
                         ("temperature", temperature), ("timestep_fs", timestep_fs)):
@@ -154,7 +155,7 @@ def generate_reference(out: str, ns: float = 20.0, save_ps: float = 2.0, chunk_p
     system = alanine_system(top, solvent, constraints=None)
     dt = timestep_fs * unit.femtoseconds
     integ = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1 / unit.picosecond, dt)
-    integ.setRandomNumberSeed(seed)
+    integ.setRandomNumberSeed(openmm_seed(seed))
     ctx = openmm.Context(system, integ, openmm.Platform.getPlatformByName(platform))
     steps_per_frame = int(round(save_ps * 1000 / timestep_fs))
     frames_total = int(round(ns * 1000 / save_ps))
@@ -170,7 +171,7 @@ def generate_reference(out: str, ns: float = 20.0, save_ps: float = 2.0, chunk_p
     else:
         ctx.setPositions(pos)
         openmm.LocalEnergyMinimizer.minimize(ctx)
-        ctx.setVelocitiesToTemperature(temperature * unit.kelvin, seed)
+        ctx.setVelocitiesToTemperature(temperature * unit.kelvin, openmm_seed(seed))
         integ.step(int(equilibrate_ps * 1000 / timestep_fs))
         xyz = []
     pdb = io.StringIO()

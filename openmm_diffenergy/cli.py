@@ -541,15 +541,17 @@ def run_langevin(system, positions, temperature: float, timestep_fs: float, n_st
     from openmm import unit
     from tqdm.auto import tqdm
 
+    from .openmm_force import openmm_seed
+
     integ = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, friction / unit.picosecond,
                                             timestep_fs * unit.femtoseconds)
-    integ.setRandomNumberSeed(seed)
+    integ.setRandomNumberSeed(openmm_seed(seed))
     plat = _platform(platform, system)
     ctx = openmm.Context(system, integ, plat)
     ctx.setPositions(np.asarray(positions, dtype=float) * unit.nanometer)
     if minimize:
         openmm.LocalEnergyMinimizer.minimize(ctx)
-    ctx.setVelocitiesToTemperature(temperature * unit.kelvin, seed)
+    ctx.setVelocitiesToTemperature(temperature * unit.kelvin, openmm_seed(seed))
     out = {"xyz": [], "time_ps": [], "potential_kj_mol": [], "learned_kj_mol": []}
     done, error = 0, None
     start = time.perf_counter()

@@ -85,6 +85,20 @@ def _quantity(value, default_unit, name: str, positive: bool = True) -> float:
     return value
 
 
+ZERO_SEED = 2 ** 31 - 1
+
+
+def openmm_seed(seed) -> int:
+    """The OpenMM random-number seed for a user's integer ``seed``.
+
+    OpenMM integrators read 0 as "choose a new seed for every Context", so ``seed=0``
+    (this package's usual default) made Langevin runs irreproducible. 0 maps to
+    :data:`ZERO_SEED`; every other seed is passed on unchanged.
+    """
+    seed = int(seed)
+    return ZERO_SEED if seed == 0 else seed
+
+
 def kt_kj_per_mol(temperature) -> float:
     """``kT = R T`` in kJ/mol; ``temperature`` in kelvin or an openmm.unit quantity."""
     t = _quantity(temperature, unit.kelvin, "temperature")

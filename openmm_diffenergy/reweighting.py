@@ -43,7 +43,7 @@ from .flow import (flow_log_density, folded_log_density, mirror_fold,
 from .annealing import ClassicalEnergy, anneal, beta_schedule
 from .flow import denoise as _denoise_step
 from .models.base import model_dtype
-from .openmm_force import _quantity, create_force, kt_kj_per_mol
+from .openmm_force import _quantity, create_force, kt_kj_per_mol, openmm_seed
 
 __all__ = ["log_importance_weights", "importance_weights", "ess", "potential_energies",
            "potential_forces", "reduced_energies", "model_energies", "collective_variable", "FreeEnergyProfile",
@@ -557,10 +557,10 @@ def _simulate(system, positions, temperature, timestep_ps, friction_per_ps, n_fr
     integ = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin,
                                             friction_per_ps / unit.picosecond,
                                             timestep_ps * unit.picosecond)
-    integ.setRandomNumberSeed(int(seed))
+    integ.setRandomNumberSeed(openmm_seed(seed))
     ctx = openmm.Context(system, integ, openmm.Platform.getPlatformByName(platform))
     ctx.setPositions(positions)
-    ctx.setVelocitiesToTemperature(temperature * unit.kelvin, int(seed))
+    ctx.setVelocitiesToTemperature(temperature * unit.kelvin, openmm_seed(seed))
     frames, stopped = [], None
     try:
         if equilibration_steps:
