@@ -95,7 +95,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.9,<2.10",
-        "openmm==8.6.1",
+        "openmm==8.5.2",
         "openmmtorch==1.5",
         "mdtraj",
         "parmed",

@@ -19,7 +19,8 @@ from .annealing import AnnealingResult, ClassicalEnergy, anneal
 from .io import load_model, save_model
 from .models import (DistanceMLPEnergy, EnergyModel, MoleculeEnergy, torsion_quadruples, GaussianMixtureEnergy, mixture_1d,
                      mixture_2d, particle_mixture, score, score_fn)
-from .openmm_force import add_learned_force, create_force, kt_kj_per_mol, learned_energy
+from .openmm_force import (LEARNED_FORCE_GROUP, LEARNED_SCALE, add_learned_force, create_force,
+                           kt_kj_per_mol, learned_energy, scaled_force)
 from .sde import LinearSDE, VESDE, VPSDE, sde_from_config
 from .reweighting import (FreeEnergyDifference, FreeEnergyProfile, ReweightingResult, collective_variable,
                           ess, free_energy_from_energies, free_energy_profile, importance_weights,
@@ -40,7 +41,8 @@ __all__ = [
     "LinearSDE", "VPSDE", "VESDE", "sde_from_config",
     "EnergyModel", "GaussianMixtureEnergy", "mixture_1d", "mixture_2d", "particle_mixture",
     "DistanceMLPEnergy", "MoleculeEnergy", "torsion_quadruples", "save_model", "load_model",
-    "create_force", "add_learned_force", "learned_energy", "kt_kj_per_mol",
+    "create_force", "add_learned_force", "learned_energy", "kt_kj_per_mol", "scaled_force",
+    "LEARNED_FORCE_GROUP", "LEARNED_SCALE",
     "CoarseGraining", "replicate_system", "split_replicas",
     "serialize_system", "deserialize_system",
     "TrainConfig", "train", "dsm_loss", "fp_residual", "TrainingData", "load_training_data",

@@ -421,6 +421,8 @@ def learned_system(model, traj, temperature: float = 300.0, forcefield=None, wei
         Structure(s) (nm).
     temperature : float
         Kelvin; the learned energy is ``weight * kT * E`` with ``kT = R * temperature``.
+        A weight other than 1 is the global parameter ``lambda_learned`` of a
+        ``CustomCVForce`` around the learned force (``context.setParameter`` changes it).
     forcefield : list of str, optional
     weight : float
         Multiplies the learned energy (> 0).
@@ -441,7 +443,7 @@ def learned_system(model, traj, temperature: float = 300.0, forcefield=None, wei
     import openmm
     from openmm import app, unit
 
-    from .openmm_force import add_learned_force
+    from .openmm_force import LEARNED_SCALE, add_learned_force
     from .systems import replicate_system
 
     if not 0 <= frame < traj.n_frames:
@@ -450,7 +452,7 @@ def learned_system(model, traj, temperature: float = 300.0, forcefield=None, wei
     if not (math.isfinite(weight) and weight > 0):
         raise ValueError(f"the learned-energy weight must be positive, got {weight}")
     cg = particle_mapping(model, traj.topology)
-    kt_temperature = weight * temperature * unit.kelvin
+    scale = {} if weight == 1.0 else {"scale_parameter": LEARNED_SCALE, "scale": weight}
     if forcefield:
         if n_replicas != 1:
             raise ValueError("replicas need a learned-only System (no --forcefield): copies "
@@ -485,8 +487,8 @@ def learned_system(model, traj, temperature: float = 300.0, forcefield=None, wei
         if n_replicas > 1:
             system, topology = replicate_system(base, n_replicas, topology)
         particles = None
-    add_learned_force(system, model, temperature=kt_temperature, t_min=t_min,
-                      particles=particles, backend=backend, n_replicas=n_replicas)
+    add_learned_force(system, model, temperature=temperature * unit.kelvin, t_min=t_min,
+                      particles=particles, backend=backend, n_replicas=n_replicas, **scale)
     return system, topology, positions
 
 
@@ -1042,8 +1044,8 @@ def _export_arguments(p) -> None:
                         "force.setOutputsForces(True)")
     p.add_argument("--xml", default=None,
                    help="write an OpenMM System XML with the learned force added (read it "
-                        "with openmm_diffenergy.deserialize_system); a PDB of its particles "
-                        "is written beside it as <stem>.pdb")
+                        "with openmm.XmlSerializer.deserialize); a PDB of its particles is "
+                        "written beside it as <stem>.pdb")
     _add_system_arguments(p)
 
 

@@ -9,11 +9,18 @@ evaluated in one batched call. Two backends:
   OpenMM-Torch's ``TorchForce`` in C++ at every step.
 - ``"pythonforce"``: ``openmm.PythonForce`` calls the eager model from Python; slower,
   but works with any torch build.
+
+With ``scale_parameter`` the learned term is wrapped in a ``CustomCVForce`` whose energy
+is ``scale_parameter * U``, a global parameter of the Context
+(:func:`scaled_force`): lambda states and mixed Hamiltonians then change one parameter of
+one Context instead of building a System per state.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
+import warnings
 
 import numpy as np
 import openmm
@@ -23,10 +30,12 @@ from openmm import unit
 from .io import load_model
 from .models.base import model_dtype
 
-__all__ = ["create_force", "add_learned_force", "learned_energy", "kt_kj_per_mol",
-           "load_openmmtorch", "LEARNED_FORCE_GROUP"]
+__all__ = ["create_force", "add_learned_force", "scaled_force", "learned_energy",
+           "kt_kj_per_mol", "load_openmmtorch", "serializer_abi_mismatch", "LEARNED_FORCE_GROUP",
+           "LEARNED_SCALE"]
 
 LEARNED_FORCE_GROUP = 1
+LEARNED_SCALE = "lambda_learned"
 _OPENMMTORCH_HINT = ("openmmtorch 1.5 is built against torch 2.9 and needs the CUDA build of "
                      "torch (for libnvrtc.so.12); install 'torch>=2.9,<2.10' and import torch "
                      "before openmmtorch, or use backend='pythonforce', which works with any "
@@ -57,15 +66,69 @@ def _retry_torch_plugins() -> None:
                 pass
 
 
+class _SimtkWarningFilter(logging.Filter):
+    """Drops the one warning that openmmtorch's ``import simtk.openmm`` logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "importing 'simtk.openmm' is deprecated" not in record.getMessage()
+
+
 def load_openmmtorch():
-    """Import openmmtorch, or raise an ImportError that says how to fix it."""
+    """Import openmmtorch, or raise an ImportError that says how to fix it.
+
+    The SWIG wrapper of openmmtorch 1.5 imports the old ``simtk.openmm`` name, whose
+    shim logs a deprecation warning on the root logger; that one message is filtered
+    out during the import (nothing else is).
+    """
+    root = logging.getLogger()
+    quiet = _SimtkWarningFilter()
+    root.addFilter(quiet)
     try:
         import openmmtorch
     except Exception as err:
         raise ImportError(f"cannot load openmmtorch ({type(err).__name__}: {err}) with "
                           f"torch {torch.__version__}. {_OPENMMTORCH_HINT}") from None
+    finally:
+        root.removeFilter(quiet)
     _retry_torch_plugins()
+    _warn_serializer_abi()
     return openmmtorch
+
+
+_ABI_WARNED = False
+
+
+def serializer_abi_mismatch() -> bool:
+    """True where openmmtorch's XML reader was built against another OpenMM ABI.
+
+    The openmmtorch 1.5 wheel was compiled against OpenMM 8.5, whose
+    ``SerializationNode::getStringProperty`` returns ``const std::string&``. OpenMM 8.6
+    returns ``std::string`` by value under the same symbol name, so the dynamic linker
+    binds the call, the caller passes no return slot, and the callee reads the key from
+    the wrong register: ``XmlSerializer.deserialize`` (and ``copy.deepcopy``,
+    ``XmlSerializer.clone``, ``CustomCVForce`` around a TorchForce) segfault in
+    ``findPropertyValue``. OpenMM 8.5.x is safe.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_plugin = version("openmmtorch")
+    except PackageNotFoundError:  # pragma: no cover - a source build: trust it
+        return False
+    major_minor = tuple(int(p) for p in openmm.version.short_version.split(".")[:2])
+    return torch_plugin.startswith("1.5") and major_minor >= (8, 6)
+
+
+def _warn_serializer_abi() -> None:
+    global _ABI_WARNED
+    if not _ABI_WARNED and serializer_abi_mismatch():
+        _ABI_WARNED = True
+        warnings.warn(f"openmm {openmm.version.short_version} with openmmtorch 1.5: "
+                      "openmm.XmlSerializer.deserialize and copy.deepcopy of a TorchForce "
+                      "crash the interpreter (openmmtorch 1.5 was built against the OpenMM "
+                      "8.5 ABI). Install openmm==8.5.2 (the pinned stack), or read XML with "
+                      "openmm_diffenergy.deserialize_system and use backend='pythonforce' "
+                      "inside CustomCVForce.", RuntimeWarning, stacklevel=3)
 
 
 def _quantity(value, default_unit, name: str, positive: bool = True) -> float:
@@ -159,27 +222,36 @@ class TorchEnergyForces(TorchEnergy):
 
 
 class PythonForceComputation:
-    """The computation of a ``PythonForce``: a picklable callable over an eager model."""
+    """The computation of a ``PythonForce``: a picklable callable over an eager model.
 
-    def __init__(self, model, t_min: float, n_replicas: int, kt: float):
+    ``openmm.PythonForce`` (OpenMM 8.5) hands the callable the positions of every
+    particle of the System and takes forces for every particle back, so the callable
+    picks the model's particles itself (``indices``, replica-major) and returns zero
+    force on the others.
+    """
+
+    def __init__(self, model, t_min: float, n_replicas: int, kt: float, indices):
         self.model = model
         self.t_min = float(t_min)
         self.n_replicas = int(n_replicas)
         self.kt = float(kt)
         self.dtype = model_dtype(model)
+        self.indices = np.asarray(indices, dtype=np.int64)
 
     def __call__(self, state):
-        pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-        pos = np.asarray(pos)
-        if not np.isfinite(pos).all():
+        pos = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+        sel = pos[self.indices]
+        if not np.isfinite(sel).all():
             raise ValueError("openmm_diffenergy: positions hold NaN or inf values")
-        x = torch.tensor(pos, dtype=self.dtype, requires_grad=True)
+        x = torch.tensor(sel, dtype=self.dtype, requires_grad=True)
         y = x.reshape(self.n_replicas, self.model.dim) / self.model.length_scale
         t = torch.full((self.n_replicas,), self.t_min, dtype=self.dtype)
         with torch.enable_grad():
             energy = self.model(y, t).sum() * self.kt
             (grad,) = torch.autograd.grad(energy, x)
-        return float(energy.detach()), (-grad).detach().to(torch.float64).numpy()
+        forces = np.zeros(pos.shape, dtype=np.float64)
+        forces[self.indices] = (-grad).detach().to(torch.float64).numpy()
+        return float(energy.detach()), forces
 
 
 def _resolve_model(model_or_path):
@@ -208,7 +280,8 @@ def _indices(particles, n_replicas: int, n_particles: int) -> torch.Tensor:
 def create_force(model_or_path, temperature=300.0 * unit.kelvin, t_min: float | None = None,
                  particles=None, backend: str = "torchforce", n_replicas: int = 1,
                  outputs_forces: bool = True, force_group: int = LEARNED_FORCE_GROUP,
-                 name: str = "DiffEnergy") -> openmm.Force:
+                 name: str = "DiffEnergy", scale_parameter: str | None = None,
+                 scale: float = 1.0) -> openmm.Force:
     """Make an OpenMM force from a learned energy: ``U = kT E_theta(x / s, t_min)``.
 
     Parameters
@@ -233,11 +306,19 @@ def create_force(model_or_path, temperature=300.0 * unit.kelvin, t_min: float | 
         (:func:`learned_energy`). Default 1.
     name : str
         The force's name.
+    scale_parameter : str, optional
+        Name of a global Context parameter that multiplies the learned energy, e.g.
+        :data:`LEARNED_SCALE` (``"lambda_learned"``): the force is then a
+        ``CustomCVForce`` with energy ``scale_parameter * U`` around the learned force,
+        and ``context.setParameter(scale_parameter, value)`` changes the scale.
+    scale : float
+        Default value of ``scale_parameter`` (its value in a new Context).
 
     Returns
     -------
     openmm.Force
-        ``openmmtorch.TorchForce`` or ``openmm.PythonForce``.
+        ``openmmtorch.TorchForce`` or ``openmm.PythonForce``; with ``scale_parameter``,
+        an ``openmm.CustomCVForce`` that holds one of them.
     """
     if backend not in ("torchforce", "pythonforce"):
         raise ValueError(f"backend must be 'torchforce' or 'pythonforce', got {backend!r}")
@@ -258,8 +339,8 @@ def create_force(model_or_path, temperature=300.0 * unit.kelvin, t_min: float | 
         p.requires_grad_(False)
 
     if backend == "pythonforce":
-        force = openmm.PythonForce(PythonForceComputation(model, t_min, n_replicas, kt))
-        force.setParticles(idx.tolist())
+        force = openmm.PythonForce(PythonForceComputation(model, t_min, n_replicas, kt,
+                                                          idx.numpy()))
     else:
         openmmtorch = load_openmmtorch()
         dtype = model_dtype(model)
@@ -274,9 +355,46 @@ def create_force(model_or_path, temperature=300.0 * unit.kelvin, t_min: float | 
                                       model.length_scale, kt, dtype))
         force = openmmtorch.TorchForce(module)
         force.setOutputsForces(bool(outputs_forces))
+    if scale_parameter is not None:
+        force.setName(name)
+        force = scaled_force([force], scale_parameter, {scale_parameter: scale})
     force.setForceGroup(int(force_group))
     force.setName(name)
     return force
+
+
+def scaled_force(forces, scale: str, parameters: dict) -> openmm.CustomCVForce:
+    """One ``CustomCVForce`` with energy ``scale * (U_0 + U_1 + ...)``.
+
+    Parameters
+    ----------
+    forces : sequence of openmm.Force
+        The terms to scale; the CustomCVForce takes them over (they must not belong to a
+        System already).
+    scale : str
+        An expression in global parameters, e.g. ``"lambda_learned"`` or
+        ``"1 - lambda_state"``.
+    parameters : dict
+        Global parameters the expression uses, name -> default value.
+
+    Returns
+    -------
+    openmm.CustomCVForce
+        Collective variables ``u0, u1, ...`` (kJ/mol).
+    """
+    forces = list(forces)
+    if not forces:
+        raise ValueError("scaled_force needs at least one force")
+    for name in parameters:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
+            raise ValueError(f"{name!r} is not a valid global parameter name")
+    terms = "+".join(f"u{i}" for i in range(len(forces)))
+    cv = openmm.CustomCVForce(f"({scale})*({terms})")
+    for name, value in parameters.items():
+        cv.addGlobalParameter(str(name), float(value))
+    for i, f in enumerate(forces):
+        cv.addCollectiveVariable(f"u{i}", f)
+    return cv
 
 
 def add_learned_force(system: openmm.System, model_or_path, masses: bool = False,

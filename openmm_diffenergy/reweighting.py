@@ -43,7 +43,8 @@ from .flow import (flow_log_density, folded_log_density, mirror_fold,
 from .annealing import ClassicalEnergy, anneal, beta_schedule
 from .flow import denoise as _denoise_step
 from .models.base import model_dtype
-from .openmm_force import _quantity, create_force, kt_kj_per_mol, openmm_seed
+from .openmm_force import (_quantity, create_force, kt_kj_per_mol, openmm_seed,
+                           scaled_force)
 
 __all__ = ["log_importance_weights", "importance_weights", "ess", "potential_energies",
            "potential_forces", "reduced_energies", "model_energies", "collective_variable", "FreeEnergyProfile",
@@ -547,18 +548,24 @@ def _time_ps(value, name: str) -> float:
     return _quantity(value, unit.picosecond, name)
 
 
-def _simulate(system, positions, temperature, timestep_ps, friction_per_ps, n_frames: int,
-              steps_per_frame: int, equilibration_steps: int, platform: str, seed: int,
-              progress: bool, desc: str):
-    """Langevin MD; stops at the first error or non-finite frame.
-
-    Returns frames (F, N, 3) nm and ``None`` or the reason it stopped early.
-    """
+def _langevin_context(system, temperature, timestep_ps, friction_per_ps, platform: str,
+                      seed: int):
+    """A Langevin (middle) integrator at ``temperature`` K and a Context of ``system``."""
     integ = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin,
                                             friction_per_ps / unit.picosecond,
                                             timestep_ps * unit.picosecond)
     integ.setRandomNumberSeed(openmm_seed(seed))
     ctx = openmm.Context(system, integ, openmm.Platform.getPlatformByName(platform))
+    return ctx, integ
+
+
+def _run_frames(ctx, integ, positions, temperature, n_frames: int, steps_per_frame: int,
+                equilibration_steps: int, seed: int, progress: bool, desc: str):
+    """Start ``ctx`` at ``positions`` with fresh velocities and record frames.
+
+    Stops at the first error or non-finite frame. Returns frames (F, N, 3) nm and
+    ``None`` or the reason it stopped early.
+    """
     ctx.setPositions(positions)
     ctx.setVelocitiesToTemperature(temperature * unit.kelvin, openmm_seed(seed))
     frames, stopped = [], None
@@ -575,9 +582,21 @@ def _simulate(system, positions, temperature, timestep_ps, friction_per_ps, n_fr
             frames.append(np.array(x))
     except Exception as err:     # OpenMM raises when the learned force sees NaN positions
         stopped = f"{type(err).__name__} after {len(frames)} frames: {str(err)[:200]}"
-    del ctx, integ
-    n = system.getNumParticles()
+    n = ctx.getSystem().getNumParticles()
     return (np.stack(frames) if frames else np.zeros((0, n, 3))), stopped
+
+
+def _simulate(system, positions, temperature, timestep_ps, friction_per_ps, n_frames: int,
+              steps_per_frame: int, equilibration_steps: int, platform: str, seed: int,
+              progress: bool, desc: str):
+    """Langevin MD in a Context of its own (see :func:`_run_frames`)."""
+    ctx, integ = _langevin_context(system, temperature, timestep_ps, friction_per_ps,
+                                   platform, seed)
+    try:
+        return _run_frames(ctx, integ, positions, temperature, n_frames, steps_per_frame,
+                           equilibration_steps, seed, progress, desc)
+    finally:
+        del ctx, integ
 
 
 def _particle_system(system: openmm.System) -> openmm.System:
@@ -1187,26 +1206,21 @@ def free_energy_from_energies(energy_a, energy_b, state, lambdas,
     return FreeEnergyDifference(mb_f, mb_err, bar_f, math.sqrt(bar_var), lam, n_k, kt, info)
 
 
-def _hamiltonian_forces(h, weight: float, temperature: float, backend: str) -> list:
-    """Forces giving ``weight * U_h``: cloned System forces, or the learned force."""
+LAMBDA_STATE = "lambda_state"
+
+
+def _hamiltonian_force(h, scale: str, temperature: float, backend: str) -> openmm.Force:
+    """``scale * U_h`` as one CustomCVForce: cloned System forces, or the learned force.
+
+    ``scale`` is an expression in :data:`LAMBDA_STATE`, the one global parameter that
+    selects the lambda state of the mixed Context.
+    """
     if isinstance(h, openmm.System):
-        forces = []
-        for f in h.getForces():
-            if isinstance(f, openmm.CMMotionRemover):
-                continue
-            if "Torch" in type(f).__name__ or "PythonForce" in type(f).__name__:
-                raise ValueError("a System holding a learned force cannot be mixed; pass the "
-                                 "model itself as the Hamiltonian")
-            forces.append(openmm.XmlSerializer.clone(f))
-        if weight == 1.0:
-            return forces
-        expr = f"{weight!r}*(" + "+".join(f"u{i}" for i in range(len(forces))) + ")"
-        cv = openmm.CustomCVForce(expr)
-        for i, f in enumerate(forces):
-            cv.addCollectiveVariable(f"u{i}", f)
-        return [cv]
-    # a learned energy: U = R T E, so weight * U is the force at temperature weight * T
-    return [create_force(h, temperature=weight * temperature, backend=backend)]
+        forces = [openmm.XmlSerializer.clone(f) for f in h.getForces()
+                  if not isinstance(f, openmm.CMMotionRemover)]
+    else:
+        forces = [create_force(h, temperature=temperature, backend=backend)]
+    return scaled_force(forces, scale, {LAMBDA_STATE: 0.0})
 
 
 def _global_parameters(h) -> dict:
@@ -1225,6 +1239,9 @@ def _check_global_parameters(a, b):
     if clash:
         raise ValueError(f"both Hamiltonians define the global parameter(s) {clash} with "
                          "different default values; rename them in one System")
+    if LAMBDA_STATE in pa or LAMBDA_STATE in pb:
+        raise ValueError(f"the global parameter {LAMBDA_STATE!r} selects the lambda state; "
+                         "rename it in the System that defines it")
 
 
 class _Evaluator:
@@ -1247,12 +1264,14 @@ def lambda_free_energy(hamiltonian_a, hamiltonian_b, positions, lambdas=None,
                        progress: bool = True) -> FreeEnergyDifference:
     """``Delta F = F_b - F_a`` by BAR/MBAR over lambda-mixed OpenMM systems.
 
-    State ``k`` has ``U_k = (1 - lambda_k) U_a + lambda_k U_b``. Each state is an OpenMM
-    System: a System-Hamiltonian's forces are cloned and scaled through a
-    ``CustomCVForce``; a learned model's ``w U = w R T E_theta`` is its force built at
-    temperature ``w T``. Each state is simulated with Langevin MD from ``positions``;
-    ``U_a`` and ``U_b`` of every frame enter :func:`free_energy_from_energies`. A state
-    whose MD fails keeps the frames it made (reason in ``info["states"]``).
+    State ``k`` has ``U_k = (1 - lambda_k) U_a + lambda_k U_b``. All states share one
+    OpenMM Context: each Hamiltonian (a System's forces, cloned, or the learned force) is
+    one ``CustomCVForce`` scaled by ``1 - lambda_state`` or ``lambda_state``, a global
+    parameter set per state (:data:`LAMBDA_STATE`). Each state is simulated with Langevin
+    MD from ``positions`` and fresh velocities (seed ``seed + k``; the integrator's own
+    random stream continues from state to state); ``U_a`` and ``U_b`` of every frame enter
+    :func:`free_energy_from_energies`. A state whose MD fails keeps the frames it made
+    (reason in ``info["states"]``).
 
     Parameters
     ----------
@@ -1301,19 +1320,20 @@ def lambda_free_energy(hamiltonian_a, hamiltonian_b, positions, lambdas=None,
     start = _positions(positions, n, "positions")[0]
     frames, states, status = [], [], []
     t0 = time.perf_counter()
+    system = _particle_system(base)
+    system.addForce(_hamiltonian_force(hamiltonian_a, f"1 - {LAMBDA_STATE}", t, backend))
+    system.addForce(_hamiltonian_force(hamiltonian_b, LAMBDA_STATE, t, backend))
+    ctx, integ = _langevin_context(system, t, dt, fr, platform, seed)
     for k, lk in enumerate(tqdm(lam, desc="lambda states", disable=not progress)):
-        system = _particle_system(base)
-        for w, h in ((1.0 - float(lk), hamiltonian_a), (float(lk), hamiltonian_b)):
-            if w > 0.0:
-                for f in _hamiltonian_forces(h, w, t, backend):
-                    system.addForce(f)
-        x, stopped = _simulate(system, start, t, dt, fr, int(n_frames), steps, equil,
-                               platform, seed + k, False, f"lambda {lk:.2f}")
+        ctx.setParameter(LAMBDA_STATE, float(lk))
+        x, stopped = _run_frames(ctx, integ, start, t, int(n_frames), steps, equil,
+                                 seed + k, False, f"lambda {lk:.2f}")
         if stopped:
             warnings.warn(f"lambda state {k} ({lk:.3f}) stopped: {stopped}", RuntimeWarning)
         status.append({"lambda": float(lk), "frames": len(x), "stopped": stopped})
         frames.append(x)
         states.append(np.full(len(x), k))
+    del ctx, integ
     md_seconds = time.perf_counter() - t0
     xyz = np.concatenate(frames)
     state = np.concatenate(states).astype(int)

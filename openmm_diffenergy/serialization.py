@@ -1,12 +1,12 @@
 """XML round trips of Systems that hold a learned TorchForce.
 
-``openmm.XmlSerializer.serialize`` writes a TorchForce (model included, hex-encoded)
-correctly, but with the PyPI wheels pinned here (openmm 8.6.1, openmmtorch 1.5)
-``XmlSerializer.deserialize`` crashes the interpreter inside
-``TorchForceProxy::deserialize`` (a segmentation fault in
-``SerializationNode::getStringProperty``: openmmtorch 1.5 was built against another
-OpenMM ABI). :func:`deserialize_system` reads such XML safely: it rebuilds each
-TorchForce from its encoded model in Python and lets OpenMM read everything else.
+On the pinned stack (openmm 8.5.2, openmmtorch 1.5) plain ``openmm.XmlSerializer``
+round-trips a TorchForce (its model hex-encoded in the XML). With openmm 8.6 and the
+openmmtorch 1.5 wheel, ``XmlSerializer.deserialize`` crashes the interpreter inside
+``TorchForceProxy::deserialize`` (an ABI break, see
+:func:`openmm_diffenergy.openmm_force.serializer_abi_mismatch`). :func:`deserialize_system`
+reads such XML on either stack: it rebuilds each TorchForce from its encoded model in
+Python and lets OpenMM read everything else.
 """
 from __future__ import annotations
 

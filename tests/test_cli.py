@@ -162,9 +162,29 @@ def test_export_torchscript_and_xml(tmp_path):
     expected = _expected_kj(model, x, 350.0)
     force = load_openmmtorch().TorchForce(ts)     # a plain TorchScript file
     assert _energy(force, x) == pytest.approx(expected, rel=1e-5)
-    system = de.deserialize_system(open(xml).read())
+    system = openmm.XmlSerializer.deserialize(open(xml).read())    # plain OpenMM reads it
     assert system.getNumParticles() == 5
     assert _energy(system, x) == pytest.approx(expected, rel=1e-5)
+
+
+def test_export_weight_is_the_lambda_learned_parameter(tmp_path):
+    xml = str(tmp_path / "cg.xml")
+    assert main(["export", CG_MODEL, "--xml", xml, "--weight", "0.25"]) == 0
+    system = openmm.XmlSerializer.deserialize(open(xml).read())
+    force = system.getForce(system.getNumForces() - 1)
+    assert isinstance(force, openmm.CustomCVForce)
+    assert force.getGlobalParameterName(0) == de.LEARNED_SCALE
+    assert force.getGlobalParameterDefaultValue(0) == 0.25
+    x = mdtraj.load(str(tmp_path / "cg.pdb")).xyz[0].astype(float)
+    expected = _expected_kj(de.load_model(CG_MODEL), x)
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(x)
+    for lam in (0.25, 1.0):
+        ctx.setParameter(de.LEARNED_SCALE, lam)
+        energy = ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
+            unit.kilojoule_per_mole)
+        assert energy == pytest.approx(lam * expected, rel=1e-5)
 
 
 def test_simulate_learned_only_with_replicas(tmp_path):
