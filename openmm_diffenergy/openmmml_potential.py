@@ -1,7 +1,7 @@
 """OpenMM-ML integration: ``MLPotential('diffenergy', modelPath=...)``.
 
 The package declares an ``openmmml.potentials`` entry point named ``diffenergy``, so with
-``openmmml`` installed (1.8 is pinned) a learned energy is used like any other ML
+``openmmml`` installed (1.7 is pinned) a learned energy is used like any other ML
 potential::
 
     from openmmml import MLPotential
