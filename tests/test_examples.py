@@ -41,6 +41,23 @@ def test_md_throughput_benchmark_quick(tmp_path):
     assert set(data["replica_steps_per_s"]) == {"1", "8", "64"}
 
 
+@pytest.mark.slow
+def test_demo_seeds_benchmark_quick(tmp_path):
+    out = tmp_path / "ds.json"
+    res = load("benchmarks/demo_seeds.py").main(
+        ["--seeds", "0", "1", "--n-iid", "8", "--md-ps", "0.5", "--replicas", "2",
+         "--n-compare", "8", "--anneal-stages", "2", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["seeds"] == [0, 1] and len(data["runs"]) == 2
+    for key, s in data["spread"].items():
+        values = [r[key] for r in data["runs"]]
+        assert s["min"] == min(values) and s["max"] == max(values)
+        assert s["mean"] == pytest.approx(sum(values) / 2)
+    # different seeds give different MD, so the MD figures differ between the runs
+    assert data["runs"][0]["ess_md"] != data["runs"][1]["ess_md"]
+    assert res["spread"]["ess_md"]["std"] > 0
+
+
 def _readme_blocks():
     text = open(os.path.join(ROOT, "README.md")).read()
     return [b.split("```")[0] for b in text.split("```python\n")[1:]]
