@@ -18,8 +18,11 @@ is exact (zero variance) for a Gaussian of precision ``P`` and keeps the varianc
 target of order one at every t, where DSM's grows like ``1 / sigma^2`` as ``t -> 0``.
 That is what lets the small times, where the learned energy is read, be learned.
 
-Training writes atomic checkpoints (model, EMA, optimizer, step, RNG state, history)
-and resumes from them.
+Training writes atomic checkpoints (model, EMA, optimizer, scheduler, step, RNG state,
+running loss, history) and resumes from them; a resumed run ends with the same weights, to
+the bit, as an uninterrupted one with the same seed. A checkpoint holds only tensors and
+plain containers and is read with ``torch.load(..., weights_only=True)``, so a file put
+beside the output cannot run code when training resumes from it.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import contextlib
 import copy
 import math
 import os
+import pickle
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -38,6 +43,11 @@ from .io import _atomic_torch_save
 from .models.base import energy_and_score
 
 __all__ = ["TrainConfig", "train", "train_and_save", "init_from", "dsm_loss", "fp_residual"]
+
+CHECKPOINT_FORMAT = "openmm_diffenergy.checkpoint"
+_CHECKPOINT_VERSION = 2      # 1: the same dict without format, running loss and seconds
+_CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "generator", "step", "history")
+_START_OVER = "delete it (or pass --fresh to 'diffenergy train') to start over"
 
 
 @dataclass
@@ -159,6 +169,54 @@ def fp_residual(model, sde, y: torch.Tensor, t: torch.Tensor, probes: int | None
     return -gt - rhs
 
 
+def _plain(obj):
+    """``obj`` as plain containers (dict, list, str, int, float, bool, None) and tensors,
+    which ``torch.load(..., weights_only=True)`` reads back; numpy scalars become Python
+    numbers. Raises TypeError for anything else."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():
+        return obj.item()
+    raise TypeError(f"a training checkpoint holds only tensors and plain containers; "
+                    f"got {type(obj).__name__}")
+
+
+def _load_checkpoint(path: str) -> dict:
+    """Read a checkpoint written by :func:`train` with ``weights_only=True``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``path``, if the file would need arbitrary objects unpickled (it is refused
+        unread: unpickling can run code), cannot be read, or is not a training checkpoint.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" (it needs {found.group(1)})" if found else ""
+        raise ValueError(f"refused the training checkpoint {path}: it is not a plain-tensor "
+                         f"checkpoint{what}, and reading it would unpickle Python objects, "
+                         f"which can run code; {_START_OVER}") from None
+    except Exception as err:
+        raise ValueError(f"cannot read the training checkpoint {path}: it is truncated or "
+                         f"not a checkpoint ({type(err).__name__}: {err}); "
+                         f"{_START_OVER}") from None
+    if (not isinstance(state, dict) or state.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT
+            or not all(k in state for k in _CHECKPOINT_KEYS)):
+        raise ValueError(f"{path} is not a training checkpoint of openmm_diffenergy; "
+                         f"{_START_OVER}")
+    if state.get("format_version", 1) > _CHECKPOINT_VERSION:
+        raise ValueError(f"{path} was written by a newer openmm_diffenergy (checkpoint "
+                         f"format {state['format_version']}); upgrade the package or "
+                         f"{_START_OVER}")
+    return state
+
+
 @contextlib.contextmanager
 def _trainable(model, prefixes, log):
     """The parameters to optimize: all of them, or those whose names start with one of
@@ -199,7 +257,9 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
         Default ``model.sde``.
     config : TrainConfig, optional
     checkpoint : str, optional
-        File for atomic checkpoints; if it exists, training resumes from it.
+        File for atomic checkpoints; if it exists, training resumes from it. It is read
+        with ``weights_only=True``: a file that holds anything but tensors and plain
+        containers is refused (ValueError) without being unpickled.
     progress : bool
     log : callable
         Receives one line of text per log interval.
@@ -253,27 +313,35 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
                                                              / config.steps)))
         ema = copy.deepcopy(model).eval()
         gen = torch.Generator().manual_seed(config.seed)
-        step, history = 0, []
+        step, history, running, before = 0, [], None, 0.0
         if checkpoint and os.path.exists(checkpoint):
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            state = _load_checkpoint(checkpoint)
             model.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             gen.set_state(state["generator"])
-            step, history = state["step"], state["history"]
+            step, history = int(state["step"]), list(state["history"])
+            running, before = state.get("running"), float(state.get("seconds", 0.0))
             log(f"resumed from {checkpoint} at step {step}")
 
         def save():
-            _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
+            _atomic_torch_save({"format": CHECKPOINT_FORMAT,
+                                "format_version": _CHECKPOINT_VERSION,
+                                "model": model.state_dict(), "ema": ema.state_dict(),
                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                "generator": gen.get_state(), "step": step, "history": history,
-                                "config": asdict(config)}, checkpoint)
+                                "generator": gen.get_state(), "step": step,
+                                "running": running, "seconds": elapsed(),
+                                "history": _plain(history), "config": _plain(asdict(config))},
+                               checkpoint)
 
         model.train()
         start = time.perf_counter()
+
+        def elapsed():
+            return before + time.perf_counter() - start
+
         bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress)
-        running = None
         while step < config.steps:
             idx = torch.randint(0, y_all.shape[0], (config.batch_size,), generator=gen)
             y0 = y_all[idx]
@@ -311,10 +379,10 @@ def train(model, positions: torch.Tensor, sde=None, config: TrainConfig | None =
             bar.set_postfix(loss=f"{running:.4f}")
             if step % 100 == 0 or step == config.steps:
                 history.append({"step": step, "loss": running, "fp": float(fp.detach()),
-                                "seconds": time.perf_counter() - start})
+                                "seconds": elapsed()})
             if step % max(1, config.checkpoint_every // 5) == 0:
                 log(f"step {step} loss {running:.4f} fp {float(fp.detach()):.4f} "
-                    f"lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - start:.0f} s")
+                    f"lr {sched.get_last_lr()[0]:.2e} {elapsed():.0f} s")
             if checkpoint and (step % config.checkpoint_every == 0 or step == config.steps):
                 save()
         bar.close()

@@ -1,4 +1,6 @@
 """Training: DSM and FP terms against analytic answers, checkpoints and resume."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +54,37 @@ def test_training_reduces_the_loss():
         log=lambda s: None)
     hist = out["history"]
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+class _RunsCode:
+    """Unpickling this object would call ``os.system``: what a hostile checkpoint does."""
+
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo unpickled > " + _RunsCode.marker,))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    ckpt = str(tmp_path / "run.ckpt")
+    marker = str(tmp_path / "ran")
+    _RunsCode.marker = marker
+    torch.save({"model": _RunsCode(), "step": 3}, ckpt)
+    with pytest.raises(ValueError, match="refused the training checkpoint .*run.ckpt.*--fresh"):
+        de.train(tiny_model(), tiny_data(), config=de.TrainConfig(steps=5, batch_size=8),
+                 checkpoint=ckpt, progress=False, log=lambda s: None)
+    assert not os.path.exists(marker)          # nothing was unpickled
+    with open(ckpt, "wb") as fh:               # a truncated file: a clear error too
+        fh.write(b"PK\x03\x04")
+    with pytest.raises(ValueError, match="cannot read the training checkpoint"):
+        de.train(tiny_model(), tiny_data(), config=de.TrainConfig(steps=5, batch_size=8),
+                 checkpoint=ckpt, progress=False, log=lambda s: None)
+    # what train() itself writes loads with weights_only=True
+    good = str(tmp_path / "good.ckpt")
+    de.train(tiny_model(), tiny_data(), config=de.TrainConfig(steps=4, batch_size=8,
+                                                              checkpoint_every=2),
+             checkpoint=good, progress=False, log=lambda s: None)
+    state = torch.load(good, map_location="cpu", weights_only=True)
+    assert state["format"] == "openmm_diffenergy.checkpoint" and state["step"] == 4
 
 
 def test_checkpoint_resume_is_exact(tmp_path):
